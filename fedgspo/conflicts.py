@@ -21,9 +21,14 @@ an ``OperationRejected`` event is emitted and :class:`OperationRejectedError` is
 caller (chained to the cause). Nothing is committed for a rejected operation; the caller
 decides whether to resubmit. No operation is dropped silently.
 
-There is no lock held across ``mutate``; two operations of the same priority never wait for
-each other, and an operation only waits for strictly higher priorities, so waits cannot form
-a cycle (no deadlock). Lower priorities can starve for at most ``max_wait_s``.
+Starvation: an operation that lost ``exclusive_after`` times runs its next attempts alone on
+the lineage (new admissions wait until it finished, then resume in priority order), so within
+one process it commits on that attempt; only writers in other processes can still beat it.
+
+No deadlock: no lock is held across ``mutate``. An ordinary operation waits only for queued
+operations of strictly higher priority and for an exclusive one; an exclusive operation waits
+only for operations already executing, which wait for nothing. Every wait is also bounded by
+``max_wait_s``.
 """
 
 from __future__ import annotations
@@ -128,6 +133,9 @@ class ResolverConfig(BaseModel):
     base_delay_s: float = Field(1e-4, gt=0, description="Backoff before the first retry.")
     max_delay_s: float = Field(0.05, gt=0, description="Backoff cap.")
     max_wait_s: float = Field(30.0, gt=0, description="Longest admission wait before rejection.")
+    exclusive_after: int = Field(
+        4, ge=1, description="Conflicts after which an operation's next attempts run alone on its lineage."
+    )
 
 
 @dataclass(eq=False)
@@ -135,6 +143,7 @@ class _Running:
     priority: int
     started: float
     grace_period_s: float
+    exclusive: bool
     preempted: bool = False
 
 
@@ -143,6 +152,7 @@ class _Target:
     cond: threading.Condition
     queued: Counter[int] = field(default_factory=Counter)
     running: list[_Running] = field(default_factory=list)
+    exclusive_wanted: int = 0
 
 
 class ConflictResolver:
@@ -178,7 +188,7 @@ class ConflictResolver:
         queued = True
         try:
             while True:
-                run = self._admit(state, op, deadline)
+                run = self._admit(state, op, deadline, attempts >= self.config.exclusive_after)
                 queued = False
                 attempts += 1
                 try:
@@ -227,24 +237,43 @@ class ConflictResolver:
                 state = self._targets[lineage] = _Target(threading.Condition(self._lock))
             return state
 
-    def _admit(self, state: _Target, op: Operation, deadline: float) -> _Running:
+    def _admit(self, state: _Target, op: Operation, deadline: float, exclusive: bool) -> _Running:
         p = int(op.priority)
         with state.cond:
-            while any(n and q > p for q, n in state.queued.items()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._reject_locked(op, "waited too long behind higher-priority operations", 0)
-                state.cond.wait(min(left, 0.05))
+            if exclusive:
+                state.exclusive_wanted += 1
+            try:
+                while self._blocked(state, p, exclusive):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise self._reject_locked(op, "waited too long for admission", 0)
+                    state.cond.wait(min(left, 0.05))
+            finally:
+                if exclusive:
+                    state.exclusive_wanted -= 1
             state.queued[p] -= 1
             self._queue_depth -= 1
             now = time.monotonic()
             for other in state.running:
                 if other.priority < p and now - other.started > other.grace_period_s:
                     other.preempted = True
-            run = _Running(p, now, op.grace_period_s)
+            run = _Running(p, now, op.grace_period_s, exclusive)
             state.running.append(run)
             state.cond.notify_all()
             return run
+
+    @staticmethod
+    def _blocked(state: _Target, priority: int, exclusive: bool) -> bool:
+        """Whether an operation must keep waiting for admission.
+
+        An exclusive (starving) operation waits only for the operations running now; every
+        other operation waits for an exclusive one and for queued higher priorities.
+        """
+        if exclusive:
+            return bool(state.running)
+        if state.exclusive_wanted or any(r.exclusive for r in state.running):
+            return True
+        return any(n and q > priority for q, n in state.queued.items())
 
     def _enqueue(self, state: _Target, priority: int) -> None:
         with self._lock:
@@ -261,6 +290,7 @@ class ConflictResolver:
     def _leave(self, state: _Target, run: _Running) -> None:
         with state.cond:
             state.running.remove(run)
+            state.cond.notify_all()
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.config.max_delay_s, self.config.base_delay_s * 2 ** (attempt - 1))
