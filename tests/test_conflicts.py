@@ -181,10 +181,11 @@ def test_preemption_only_after_grace_period(grace: float, preempted: int) -> Non
     assert m["preemptions"] == preempted and m["preemptions"] + m["conflicts"] == 1
 
 
-def test_stress_concurrent_updates_lose_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_stress_concurrent_updates_lose_nothing(tmp_path: Path, write_behind: bool) -> None:
     """8 threads x 2,000 updates of 4 shared entities at mixed priorities, on a SQLite file."""
     bus = EventBus()
-    reg = _registry(bus, tmp_path / "registry.sqlite")
+    reg = EntityRegistry(tmp_path / "registry.sqlite", bus=bus, write_behind=write_behind)
     targets = [reg.register(ReputationEntity(rank=r)).lineage_id for r in range(4)]
     threads, per_thread = 8, 2000
     committed, rejected = [0] * threads, [0] * threads
@@ -218,3 +219,5 @@ def test_stress_concurrent_updates_lose_nothing(tmp_path: Path) -> None:
     print(f"stress: committed={sum(committed)} rejected={sum(rejected)} metrics={m}")
     reg.close()
     bus.close()
+    with EntityRegistry(tmp_path / "registry.sqlite") as reopened:
+        assert [reopened.get(t) for t in targets] == heads

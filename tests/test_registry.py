@@ -24,6 +24,7 @@ from fedgspo.entities import (
     ModelEntity,
     NullRegistry,
     RegistryClient,
+    RegistryWriteError,
     ReputationEntity,
     TrainingStageEntity,
 )
@@ -211,3 +212,37 @@ def test_client_gathers_writes_from_all_ranks(tmp_path: Path) -> None:
     with EntityRegistry(path) as reg:
         reps = reg.query(ReputationEntity)
         assert [(e.rank, e.clean_count, e.last_step, e.version) for e in reps] == [(0, 3, 2, 3), (1, 3, 2, 3)]
+
+
+# -- write-behind -------------------------------------------------------------------------------------
+def test_write_behind_versions_in_memory_and_persists_on_flush(tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILENAME
+    reg = EntityRegistry(path, write_behind=True, flush_interval_s=60)
+    e = reg.register(ReputationEntity(rank=0))
+    for _ in range(5):
+        head = reg.update(e.lineage_id, _bump)
+    assert head.version == 5 and reg.get(e.lineage_id) is head
+    assert [v.version for v in reg.history(e.lineage_id)] == list(range(6))  # reads flush first
+    with pytest.raises(EntityExists):
+        reg.register(e)
+    reg.update(e.lineage_id, _bump)
+    with EntityRegistry(path) as other:
+        assert other.get(e.lineage_id).version == 5  # the last update is still pending
+        reg.flush()
+        assert other.get(e.lineage_id, fresh=True).version == 6
+    reg.close()
+
+
+def test_write_behind_clash_with_another_writer_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILENAME
+    with EntityRegistry(path) as first:
+        e = first.register(ReputationEntity(rank=0))
+    behind = EntityRegistry(path, write_behind=True, flush_interval_s=60)
+    behind.update(e.lineage_id, _bump)
+    with EntityRegistry(path) as through:
+        through.update(e.lineage_id, _bump)  # writes version 1 first
+    with pytest.raises(RegistryWriteError, match="refused"):
+        behind.flush()
+    behind.close()
+    with EntityRegistry(path) as reg:
+        assert [v.version for v in reg.history(e.lineage_id)] == [0, 1]

@@ -31,6 +31,7 @@ _LAZY = {
     "NullRegistry": "registry",
     "EntityNotFound": "registry",
     "EntityExists": "registry",
+    "RegistryWriteError": "registry",
     "REGISTRY_FILENAME": "registry",
     "EntityTree": "tree",
     "EdgeType": "tree",

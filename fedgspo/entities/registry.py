@@ -7,8 +7,14 @@ inside the transaction, so concurrent writers never clobber one another, and que
 file so they see every writer's entities. ``EntityRegistry()`` without a path keeps everything
 in an in-memory SQLite database (same semantics, nothing on disk).
 
-Writes are write-through: :meth:`register`, :meth:`commit` and :meth:`update` return only after
-their transaction committed, with the new version number. Reads by id are served from a cache:
+Writes are write-through by default: :meth:`register`, :meth:`commit` and :meth:`update`
+return only after their transaction committed, with the new version number. With
+``write_behind=True`` the in-memory index is authoritative: writes return once they are
+versioned in memory and a writer thread appends them to the file in batched transactions
+every ``flush_interval_s`` (call :meth:`flush` for a durable point). Use it only when this
+process is the only writer of the lineages it updates (rank 0 of a run with its own file): a
+crash loses at most the last interval, and a clash with another writer is only detected when
+the batch is written (:class:`RegistryWriteError`). Reads by id are served from a cache:
 ``get(ecs_id)`` is exact (versions are immutable); ``get(lineage_id)`` returns the head this
 process last saw — pass ``fresh=True`` to re-read the head written by another process. A
 stale head never causes a lost update: :meth:`commit` checks the head in the file and raises
@@ -19,12 +25,16 @@ Failure behaviour:
 * :class:`EntityNotFound` (a ``KeyError``) for an unknown id; :class:`EntityExists` when
   registering an id twice; :class:`VersionConflict` from :meth:`commit` with ``occ=True``.
 * A failing transaction is rolled back; the cache is changed only after a successful commit.
+* Write-behind: a batch row that the file refuses (another process wrote that version) is
+  skipped and logged; the next :meth:`flush`, :meth:`close`, :meth:`register` or
+  :meth:`commit` raises :class:`RegistryWriteError` naming it.
 * ``sqlite3.OperationalError`` ("database is locked") only if another process held the write
   lock longer than ``busy_timeout_s``; the caller may retry.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +54,8 @@ from fedgspo.entities.base import Entity
 from fedgspo.events import AnyBus
 
 E = TypeVar("E", bound=Entity)
+
+log = logging.getLogger(__name__)
 
 REGISTRY_FILENAME = "registry.sqlite"
 
@@ -79,6 +91,10 @@ class EntityExists(ValueError):
     """An entity with this ecs_id or lineage_id is already registered."""
 
 
+class RegistryWriteError(RuntimeError):
+    """A write-behind batch could not be written completely (see the message)."""
+
+
 class EntityRegistry:
     """Register, read, update and query versioned entities (thread-safe).
 
@@ -88,6 +104,8 @@ class EntityRegistry:
         resolver_config: retry budget of :meth:`update`.
         cache_size: old versions kept in memory (heads are always kept).
         busy_timeout_s: how long a write waits for another process's transaction.
+        write_behind: version writes in memory and persist them in batches (see module doc).
+        flush_interval_s: longest delay of a write-behind write.
     """
 
     def __init__(
@@ -98,6 +116,8 @@ class EntityRegistry:
         resolver_config: ResolverConfig | None = None,
         cache_size: int = 100_000,
         busy_timeout_s: float = 30.0,
+        write_behind: bool = False,
+        flush_interval_s: float = 0.05,
     ) -> None:
         self.path = Path(path) if path is not None else None
         self._conn = sqlite3.connect(
@@ -117,6 +137,19 @@ class EntityRegistry:
         self._cache_size = cache_size
         self._closed = False
         self.resolver = ConflictResolver(self, resolver_config, bus)
+        self._pending_lineages: list[tuple[bytes, str]] = []
+        self._pending_rows: list[tuple[bytes, int, bytes, str, str]] = []
+        self._write_errors: list[str] = []
+        self._writer: threading.Thread | None = None
+        if write_behind:
+            self._stop = threading.Event()
+            self._flush_interval_s = flush_interval_s
+            self._writer = threading.Thread(target=self._write_loop, name="fedgspo-registry", daemon=True)
+            self._writer.start()
+
+    @property
+    def write_behind(self) -> bool:
+        return self._writer is not None
 
     @classmethod
     def open(cls, run_dir: Path | str, **kwargs: Any) -> "EntityRegistry":
@@ -143,6 +176,7 @@ class EntityRegistry:
         """Every version of the lineage of ``ref``, oldest first (read from the file)."""
         lineage = self.get(ref).lineage_id
         with self._lock:
+            self._drain()
             rows = self._conn.execute(
                 "SELECT ecs_id, type, data FROM entities WHERE lineage_id = ? ORDER BY version",
                 (lineage.bytes,),
@@ -164,6 +198,7 @@ class EntityRegistry:
         names = entity_type.with_subtypes()
         marks = ",".join("?" * len(names))
         with self._lock:
+            self._drain()
             rows = self._conn.execute(
                 f"{_HEADS} l.type IN ({marks}) ORDER BY l.rowid", names
             ).fetchall()
@@ -196,15 +231,27 @@ class EntityRegistry:
                     f"register takes version 0 (got version {entity.version}); use update() for new versions"
                 )
         with self._lock:
-            try:
-                with self._transaction():
-                    for entity in entities:
-                        self._insert(entity)
-                        self._conn.execute(
-                            "INSERT INTO lineages VALUES (?, ?)", (entity.lineage_id.bytes, entity.type_name())
+            self._raise_write_errors()
+            if self.write_behind:
+                seen: set[UUID] = set()
+                for entity in entities:
+                    ids = (entity.ecs_id, entity.lineage_id)
+                    if seen.intersection(ids) or any(i in self._versions or i in self._heads for i in ids) or (
+                        self._in_file(entity)
+                    ):
+                        raise EntityExists(f"entity already registered: {entity.ecs_id}")
+                    seen.update(ids)
+                self._pending_lineages.extend((e.lineage_id.bytes, e.type_name()) for e in entities)
+                self._pending_rows.extend(self._row(e) for e in entities)
+            else:
+                try:
+                    with self._transaction():
+                        self._conn.executemany(
+                            "INSERT INTO lineages VALUES (?, ?)", [(e.lineage_id.bytes, e.type_name()) for e in entities]
                         )
-            except sqlite3.IntegrityError as exc:
-                raise EntityExists(f"entity already registered: {exc}") from exc
+                        self._conn.executemany("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", map(self._row, entities))
+                except sqlite3.IntegrityError as exc:
+                    raise EntityExists(f"entity already registered: {exc}") from exc
             for entity in entities:
                 self._cache(entity, head=True)
         return entities
@@ -219,27 +266,38 @@ class EntityRegistry:
         """
         lineage = entity.lineage_id
         with self._lock:
-            try:
-                with self._transaction():
-                    row = self._conn.execute(
-                        "SELECT ecs_id, version, type FROM entities WHERE lineage_id = ? "
-                        "ORDER BY version DESC LIMIT 1",
-                        (lineage.bytes,),
-                    ).fetchone()
-                    if row is None:
-                        raise EntityNotFound(lineage)
-                    head_id, head_version, head_type = UUID(bytes=row[0]), row[1], row[2]
-                    if head_type != entity.type_name():
-                        raise TypeError(f"lineage {lineage} holds {head_type}, not {entity.type_name()}")
-                    if occ and head_id != entity.ecs_id:
-                        raise VersionConflict(f"lineage {lineage} moved to version {head_version}")
-                    new = entity.next_version(head_id, head_version)
-                    self._insert(new)
-            except VersionConflict:
-                self._load(lineage)
-                raise
+            self._raise_write_errors()
+            if self.write_behind:
+                head = self.get(lineage)
+                self._check_head(entity, head.ecs_id, head.version, head.type_name(), occ)
+                new = entity.next_version(head.ecs_id, head.version)
+                self._pending_rows.append(self._row(new))
+            else:
+                try:
+                    with self._transaction():
+                        row = self._conn.execute(
+                            "SELECT ecs_id, version, type FROM entities WHERE lineage_id = ? "
+                            "ORDER BY version DESC LIMIT 1",
+                            (lineage.bytes,),
+                        ).fetchone()
+                        if row is None:
+                            raise EntityNotFound(lineage)
+                        head_id = UUID(bytes=row[0])
+                        self._check_head(entity, head_id, row[1], row[2], occ)
+                        new = entity.next_version(head_id, row[1])
+                        self._conn.execute("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", self._row(new))
+                except VersionConflict:
+                    self._load(lineage)
+                    raise
             self._cache(new, head=True)
         return new
+
+    @staticmethod
+    def _check_head(entity: Entity, head_id: UUID, head_version: int, head_type: str, occ: bool) -> None:
+        if head_type != entity.type_name():
+            raise TypeError(f"lineage {entity.lineage_id} holds {head_type}, not {entity.type_name()}")
+        if occ and head_id != entity.ecs_id:
+            raise VersionConflict(f"lineage {entity.lineage_id} moved to version {head_version}")
 
     def update(
         self,
@@ -264,12 +322,30 @@ class EntityRegistry:
         op = Operation(name=name, target=ref, mutate=mutate, priority=priority, check=check)  # type: ignore[arg-type]
         return self.resolver.execute(op, pre_ecs=pre_ecs, occ=occ)
 
-    def close(self) -> None:
-        """Close the file; later calls fail with ``sqlite3.ProgrammingError``. Idempotent."""
+    def flush(self) -> None:
+        """Write every pending write-behind row now (no-op when write-through).
+
+        Raises :class:`RegistryWriteError` if any row since the last check was refused.
+        """
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._conn.close()
+            self._drain()
+            self._raise_write_errors()
+
+    def close(self) -> None:
+        """Flush, stop the writer and close the file; later calls fail. Idempotent.
+
+        Raises :class:`RegistryWriteError` (after closing) if write-behind rows were refused.
+        """
+        if self._writer is not None:
+            self._stop.set()
+            self._writer.join()
+        with self._lock:
+            if self._closed:
+                return
+            self._drain()
+            self._closed = True
+            self._conn.close()
+            self._raise_write_errors()
 
     def __enter__(self) -> "EntityRegistry":
         return self
@@ -288,17 +364,66 @@ class EntityRegistry:
             raise
         self._conn.execute("COMMIT")
 
-    def _insert(self, entity: Entity) -> None:
-        self._conn.execute(
-            "INSERT INTO entities VALUES (?, ?, ?, ?, ?)",
-            (
-                entity.lineage_id.bytes,
-                entity.version,
-                entity.ecs_id.bytes,
-                entity.type_name(),
-                entity.model_dump_json(),
-            ),
+    @staticmethod
+    def _row(entity: Entity) -> tuple[bytes, int, bytes, str, str]:
+        return (
+            entity.lineage_id.bytes,
+            entity.version,
+            entity.ecs_id.bytes,
+            entity.type_name(),
+            entity.model_dump_json(),
         )
+
+    def _in_file(self, entity: Entity) -> bool:
+        return (
+            self._conn.execute(
+                "SELECT 1 FROM entities WHERE ecs_id = ? OR lineage_id = ? LIMIT 1",
+                (entity.ecs_id.bytes, entity.lineage_id.bytes),
+            ).fetchone()
+            is not None
+        )
+
+    def _write_loop(self) -> None:
+        while not self._stop.wait(self._flush_interval_s):
+            with self._lock:
+                if not self._closed:
+                    self._drain()
+
+    def _drain(self) -> None:
+        """Write pending write-behind rows in one transaction (caller holds the lock).
+
+        If the batch is refused as a whole, rows are retried one by one so that only the
+        clashing rows are skipped (and recorded for :meth:`_raise_write_errors`).
+        """
+        lineages, rows = self._pending_lineages, self._pending_rows
+        if not (lineages or rows):
+            return
+        self._pending_lineages, self._pending_rows = [], []
+        try:
+            with self._transaction():
+                self._conn.executemany("INSERT INTO lineages VALUES (?, ?)", lineages)
+                self._conn.executemany("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", rows)
+            return
+        except sqlite3.IntegrityError:
+            pass
+        inserts = (
+            ("INSERT INTO lineages VALUES (?, ?)", lineages),
+            ("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", rows),
+        )
+        for sql, batch in inserts:
+            for row in batch:
+                try:
+                    with self._transaction():
+                        self._conn.execute(sql, row)
+                except sqlite3.IntegrityError as exc:
+                    msg = f"row for lineage {UUID(bytes=row[0])} refused: {exc}"
+                    log.error("registry write-behind: %s", msg)
+                    self._write_errors.append(msg)
+
+    def _raise_write_errors(self) -> None:
+        if self._write_errors:
+            errors, self._write_errors = self._write_errors, []
+            raise RegistryWriteError("; ".join(errors))
 
     def _cache(self, entity: Entity, *, head: bool) -> None:
         versions = self._versions
@@ -316,6 +441,7 @@ class EntityRegistry:
 
     def _load(self, ref: UUID) -> Entity:
         with self._lock:
+            self._drain()
             key = ref.bytes
             row = self._conn.execute("SELECT ecs_id, type, data FROM entities WHERE ecs_id = ?", (key,)).fetchone()
             is_head = row is None
@@ -363,6 +489,9 @@ class NullRegistry:
 
     def update(self, ref: UUID | str, mutate: Callable[[Any], Any], **kwargs: Any) -> None:
         return None
+
+    def flush(self) -> None:
+        """Nothing to write."""
 
     def close(self) -> None:
         """Nothing to close."""
