@@ -27,13 +27,14 @@ Failure behaviour:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -138,50 +139,49 @@ class CallableRegistry:
     def execute(cls, name: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``name`` synchronously (a coroutine function is run to completion)."""
         spec = cls.get(name)
-        t0 = time.perf_counter()
-        try:
-            out = asyncio.run(spec.fn(*args, **kwargs)) if spec.is_async else spec.fn(*args, **kwargs)
-        except Exception as exc:
-            cls._record(name, args, kwargs, None, t0, exc)
-            raise
-        cls._record(name, args, kwargs, out, t0, None)
-        return out
+        with cls._tracking(name, args, kwargs) as result:
+            result.append(asyncio.run(spec.fn(*args, **kwargs)) if spec.is_async else spec.fn(*args, **kwargs))
+        return result[0]
 
     @classmethod
     async def aexecute(cls, name: str, *args: Any, **kwargs: Any) -> Any:
         """Await ``name``; a sync function runs in a worker thread so the loop is not blocked."""
         spec = cls.get(name)
-        t0 = time.perf_counter()
-        try:
+        with cls._tracking(name, args, kwargs) as result:
             if spec.is_async:
-                out = await spec.fn(*args, **kwargs)
+                result.append(await spec.fn(*args, **kwargs))
             else:
-                out = await asyncio.to_thread(spec.fn, *args, **kwargs)
+                result.append(await asyncio.to_thread(spec.fn, *args, **kwargs))
+        return result[0]
+
+    @classmethod
+    @contextlib.contextmanager
+    def _tracking(cls, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[list[Any]]:
+        """Record one execution: the block appends the result to the yielded list."""
+        result: list[Any] = []
+        t0 = time.perf_counter()
+        error: Exception | None = None
+        try:
+            yield result
         except Exception as exc:
-            cls._record(name, args, kwargs, None, t0, exc)
+            error = exc
             raise
-        cls._record(name, args, kwargs, out, t0, None)
-        return out
+        finally:
+            record = ExecutionRecord(
+                name=name,
+                input_ids=_entity_ids(args) + _entity_ids(kwargs),
+                output_ids=_entity_ids(result[0]) if result else (),
+                duration_s=time.perf_counter() - t0,
+                error=None if error is None else repr(error),
+            )
+            with cls._lock:
+                cls._records.append(record)
 
     @classmethod
     def records(cls, name: str | None = None) -> list[ExecutionRecord]:
         """Recent executions (bounded history), oldest first."""
         with cls._lock:
             return [r for r in cls._records if name is None or r.name == name]
-
-    @classmethod
-    def _record(
-        cls, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, t0: float, exc: Exception | None
-    ) -> None:
-        record = ExecutionRecord(
-            name=name,
-            input_ids=_entity_ids(args) + _entity_ids(kwargs),
-            output_ids=_entity_ids(out),
-            duration_s=time.perf_counter() - t0,
-            error=None if exc is None else repr(exc),
-        )
-        with cls._lock:
-            cls._records.append(record)
 
 
 class HotSwapper:

@@ -22,6 +22,7 @@ Failure behaviour:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -29,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, Literal, TypeVar
 from uuid import UUID, uuid4
@@ -390,6 +391,24 @@ def current_parent() -> UUID | None:
     return _parent.get()
 
 
+@contextlib.contextmanager
+def _operation_events(name: str, bus: AnyBus | None) -> Iterator[None]:
+    b = bus or get_event_bus()
+    started = OperationStarted(operation=name, parent_id=_parent.get())
+    b.emit(started)
+    token = _parent.set(started.event_id)
+    t0 = time.perf_counter()
+    try:
+        yield
+    except BaseException as exc:
+        dt = time.perf_counter() - t0
+        b.emit(OperationFailed(operation=name, parent_id=started.event_id, error=repr(exc), duration_s=dt))
+        raise
+    finally:
+        _parent.reset(token)
+    b.emit(OperationCompleted(operation=name, parent_id=started.event_id, duration_s=time.perf_counter() - t0))
+
+
 def emit_events(operation: str | None = None, *, bus: AnyBus | None = None) -> Callable[[F], F]:
     """Wrap a sync or async function with started / completed / failed events.
 
@@ -401,48 +420,19 @@ def emit_events(operation: str | None = None, *, bus: AnyBus | None = None) -> C
     def deco(fn: F) -> F:
         name = operation or fn.__qualname__
 
-        def start() -> tuple[AnyBus, OperationStarted, contextvars.Token[UUID | None], float]:
-            b = bus or get_event_bus()
-            started = OperationStarted(operation=name, parent_id=_parent.get())
-            b.emit(started)
-            return b, started, _parent.set(started.event_id), time.perf_counter()
-
-        def finish(b: AnyBus, started: OperationStarted, t0: float, exc: BaseException | None) -> None:
-            dt = time.perf_counter() - t0
-            if exc is None:
-                b.emit(OperationCompleted(operation=name, parent_id=started.event_id, duration_s=dt))
-            else:
-                b.emit(OperationFailed(operation=name, parent_id=started.event_id, error=repr(exc), duration_s=dt))
-
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                b, started, token, t0 = start()
-                try:
-                    result = await fn(*args, **kwargs)
-                except BaseException as exc:
-                    finish(b, started, t0, exc)
-                    raise
-                finally:
-                    _parent.reset(token)
-                finish(b, started, t0, None)
-                return result
+                with _operation_events(name, bus):
+                    return await fn(*args, **kwargs)
 
             return async_wrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            b, started, token, t0 = start()
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                finish(b, started, t0, exc)
-                raise
-            finally:
-                _parent.reset(token)
-            finish(b, started, t0, None)
-            return result
+            with _operation_events(name, bus):
+                return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 

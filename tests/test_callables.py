@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -109,12 +108,12 @@ def test_hot_swap_from_watched_file(tmp_path: Path, bus: EventBus) -> None:
     assert len(alerts) == 2 and "t_nope" in alerts[0].message
 
 
-def _swap_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> None:
+def _swap_worker(rank: int, world: int, store: str, run_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     for name, (kind, fn) in NAMES.items():
         CallableRegistry.register(name, kind=kind, replace=True)(fn)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     bus = EventBus()
     swapper = HotSwapper({"reward": "t_half"}, run_dir if rank == 0 else None, bus=bus)
     applied_at = {}
@@ -128,16 +127,10 @@ def _swap_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_hot_swap_applies_on_all_ranks_at_the_same_step(tmp_path: Path) -> None:
     import torch.multiprocessing as tmp
 
-    tmp.spawn(_swap_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    tmp.spawn(_swap_worker, args=(2, str(tmp_path / "pg_store"), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1] == {"reward": ["t_double", 2]}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import uuid
 from pathlib import Path
 
@@ -180,10 +179,10 @@ def test_client_applies_patches_locally(registry: EntityRegistry) -> None:
     assert len(report.rejected) == 1 and "0 ReputationEntity match" in report.rejected[0][1]
 
 
-def _client_worker(rank: int, world: int, port: int, path: str) -> None:
+def _client_worker(rank: int, world: int, store: str, path: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     reg = EntityRegistry(path) if rank == 0 else None
     if reg is not None:
         reg.register_many(ReputationEntity(rank=r) for r in range(world))
@@ -197,18 +196,12 @@ def _client_worker(rank: int, world: int, port: int, path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_client_gathers_writes_from_all_ranks(tmp_path: Path) -> None:
     import torch.multiprocessing as tmp
 
     path = tmp_path / REGISTRY_FILENAME
-    tmp.spawn(_client_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    tmp.spawn(_client_worker, args=(2, str(tmp_path / "pg_store"), str(path)), nprocs=2, join=True)
     with EntityRegistry(path) as reg:
         reps = reg.query(ReputationEntity)
         assert [(e.rank, e.clean_count, e.last_step, e.version) for e in reps] == [(0, 3, 2, 3), (1, 3, 2, 3)]

@@ -14,6 +14,12 @@ from pydantic import Field, model_validator
 
 from fedgspo.entities.base import Entity
 
+def _check_f_bound(num_byzantine: int, world_size: int) -> None:
+    """Robust aggregation needs 2f < n whenever f > 0."""
+    if num_byzantine and 2 * num_byzantine >= world_size:
+        raise ValueError(f"cannot tolerate num_byzantine={num_byzantine} with world_size={world_size} (2f >= n)")
+
+
 RunStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 Precision = Literal["float32", "bfloat16", "float16", "float8", "int8", "int4"]
 
@@ -90,10 +96,7 @@ class GSPOTrainingRunEntity(TrainingRunEntity):
 
     @model_validator(mode="after")
     def _f_bound(self) -> "GSPOTrainingRunEntity":
-        if self.num_byzantine and 2 * self.num_byzantine >= self.world_size:
-            raise ValueError(
-                f"cannot tolerate num_byzantine={self.num_byzantine} with world_size={self.world_size} (2f >= n)"
-            )
+        _check_f_bound(self.num_byzantine, self.world_size)
         return self
 
 
@@ -147,10 +150,7 @@ class ByzantineDetectorEntity(Entity):
 
     @model_validator(mode="after")
     def _f_bound(self) -> "ByzantineDetectorEntity":
-        if self.num_byzantine and 2 * self.num_byzantine >= self.world_size:
-            raise ValueError(
-                f"cannot tolerate num_byzantine={self.num_byzantine} with world_size={self.world_size} (2f >= n)"
-            )
+        _check_f_bound(self.num_byzantine, self.world_size)
         return self
 
 
