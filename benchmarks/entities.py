@@ -7,8 +7,8 @@ Usage::
 Prints a table (median of several repeats, per operation) and writes it, with machine info and
 library versions, as JSON. Targets come from the design issue; timings are reported, not
 asserted. The registry is measured on a SQLite file in a temporary run directory (the
-default embedded setup: write-through; and write-behind) and in memory; ``NullRegistry``/``NullEventBus`` show the cost with
-bookkeeping switched off.
+default embedded setup; write-through and write-behind) and in memory;
+``NullRegistry``/``NullEventBus`` show the cost with bookkeeping switched off.
 """
 
 from __future__ import annotations

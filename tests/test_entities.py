@@ -42,7 +42,8 @@ def test_new_entity_is_version_zero_with_distinct_ids() -> None:
             name="r", config_id=uuid.uuid4(), policy_model_id=uuid.uuid4(), total_steps=10, step=11
         ),
         lambda: GSPOTrainingRunEntity(
-            name="r", config_id=uuid.uuid4(), policy_model_id=uuid.uuid4(), total_steps=10, world_size=4, num_byzantine=2
+            name="r", config_id=uuid.uuid4(), policy_model_id=uuid.uuid4(), total_steps=10,
+            world_size=4, num_byzantine=2,
         ),
         lambda: ReputationEntity(rank=0, version=1),
         lambda: ReputationEntity(rank=0, unknown_field=1),
@@ -111,7 +112,9 @@ def test_walk_visits_every_descendant_once() -> None:
     tree = _tree(100)
     assert sorted(tree.walk(0)) == list(range(100))
     assert sorted(tree.walk(0, depth_first=True)) == list(range(100))
-    assert sorted(tree.walk(1)) == sorted([1, 3, 4, 7, 8, 9, 10] + list(range(15, 23)) + list(range(31, 47)) + list(range(63, 95)))
+    subtree = {n for n in range(100) if any((n + 1) >> k == 2 for k in range(8))}  # heap: 1's subtree
+    assert sorted(tree.walk(1)) == sorted(subtree)
+    assert tree.walk(0)[:3] == [0, 1, 2] and tree.walk(0, depth_first=True)[:4] == [0, 1, 3, 7]
 
 
 def test_remove_cascades_without_orphans() -> None:

@@ -84,7 +84,9 @@ def test_reopened_file_shows_everything(tmp_path: Path) -> None:
         model = reg.register(ModelEntity(name="m", model_type="llama", vocab_size=16, hidden_size=8, num_layers=1))
         ck0 = reg.register(ModelCheckpointEntity(base_model_id=model.lineage_id, path="c0", step=0))
         ck1 = reg.register(
-            ModelCheckpointEntity(base_model_id=model.lineage_id, path="c1", step=5, parent_checkpoint_id=ck0.lineage_id)
+            ModelCheckpointEntity(
+                base_model_id=model.lineage_id, path="c1", step=5, parent_checkpoint_id=ck0.lineage_id
+            )
         )
         latest = reg.update(ck1.lineage_id, lambda c: c.evolve(metrics={"reward": 0.5}))
     assert (tmp_path / REGISTRY_FILENAME).exists()

@@ -83,7 +83,9 @@ class RegistryClient:
     ) -> None:
         """Queue a change of the head of ``entity_type`` whose fields equal ``where``."""
         self._pending.append(
-            WriteRequest(entity_type.type_name(), dict(where), dict(set or {}), dict(add or {}), int(priority), self.rank)
+            WriteRequest(
+                entity_type.type_name(), dict(where), dict(set or {}), dict(add or {}), int(priority), self.rank
+            )
         )
 
     def sync(self) -> SyncReport:

@@ -246,9 +246,8 @@ class EntityRegistry:
             else:
                 try:
                     with self._transaction():
-                        self._conn.executemany(
-                            "INSERT INTO lineages VALUES (?, ?)", [(e.lineage_id.bytes, e.type_name()) for e in entities]
-                        )
+                        new_lineages = [(e.lineage_id.bytes, e.type_name()) for e in entities]
+                        self._conn.executemany("INSERT INTO lineages VALUES (?, ?)", new_lineages)
                         self._conn.executemany("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", map(self._row, entities))
                 except sqlite3.IntegrityError as exc:
                     raise EntityExists(f"entity already registered: {exc}") from exc

@@ -106,15 +106,27 @@ class EntityTree:
     def walk(
         self, root: Node, kind: EdgeType = EdgeType.HIERARCHICAL, *, depth_first: bool = False
     ) -> list[Node]:
-        """Nodes reachable from ``root`` along ``kind`` edges, ``root`` first, each once."""
+        """Nodes reachable from ``root`` along ``kind`` edges, each once, in visit order.
+
+        Breadth-first by default; ``depth_first=True`` gives pre-order, children in the order
+        their edges were added.
+        """
         if root not in self._nodes:
             raise KeyError(f"unknown node {root}")
         adj = self._out[kind]
+        if depth_first:
+            order: dict[Node, None] = {}
+            stack = [root]
+            while stack:
+                node = stack.pop()
+                if node not in order:
+                    order[node] = None
+                    stack.extend(reversed(adj.get(node, {}).keys()))
+            return list(order)
         seen = {root: None}
         todo: deque[Node] = deque([root])
-        pop = todo.pop if depth_first else todo.popleft
         while todo:
-            for nxt in adj.get(pop(), ()):
+            for nxt in adj.get(todo.popleft(), ()):
                 if nxt not in seen:
                     seen[nxt] = None
                     todo.append(nxt)
