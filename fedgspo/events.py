@@ -227,7 +227,10 @@ class EventBus:
         """Wait until every event emitted before this call was dispatched (async ones awaited).
 
         Returns ``False`` if ``timeout`` seconds passed first; events are then still queued.
+        Calling it from a handler is a ``RuntimeError`` (it would wait for itself).
         """
+        if threading.current_thread() is self._worker:
+            raise RuntimeError("EventBus.flush() called from an event handler")
         deadline = None if timeout is None else time.monotonic() + timeout
         marker = _FlushMarker()
         with self._lock:

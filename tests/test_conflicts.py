@@ -153,7 +153,8 @@ def test_queued_higher_priority_goes_before_lower() -> None:
     time.sleep(0.05)  # the high operation is now sleeping in its backoff (0.15 to 0.3 s)
     reg.update(e.lineage_id, low, priority=OperationPriority.LOW)
     t_high.join(5)
-    assert order == ["high", "high", "low"]
+    # low is admitted only once high was admitted again; it may still lose the OCC race to it
+    assert order[:3] == ["high", "high", "low"]
 
 
 @pytest.mark.parametrize("grace,preempted", [(0.0, 1), (30.0, 0)])

@@ -199,16 +199,11 @@ class EntityRegistry:
         marks = ",".join("?" * len(names))
         with self._lock:
             self._drain()
-            rows = self._conn.execute(
-                f"{_HEADS} l.type IN ({marks}) ORDER BY l.rowid", names
-            ).fetchall()
-        out = []
-        for row in rows:
-            entity = self._from_row(*row)
-            self._heads[entity.lineage_id] = entity
-            if all(getattr(entity, k) == v for k, v in equals.items()):
-                out.append(entity)
-        return out  # type: ignore[return-value]
+            rows = self._conn.execute(f"{_HEADS} l.type IN ({marks}) ORDER BY l.rowid", names).fetchall()
+            heads = [self._from_row(*row) for row in rows]
+            for entity in heads:
+                self._cache(entity, head=True)
+        return [e for e in heads if all(getattr(e, k) == v for k, v in equals.items())]  # type: ignore[misc]
 
     def __contains__(self, ref: object) -> bool:
         try:
@@ -425,10 +420,16 @@ class EntityRegistry:
             raise RegistryWriteError("; ".join(errors))
 
     def _cache(self, entity: Entity, *, head: bool) -> None:
+        """Remember ``entity``; as the lineage head only if no newer version is known.
+
+        Caller holds the lock.
+        """
         versions = self._versions
         versions[entity.ecs_id] = entity
         if head:
-            self._heads[entity.lineage_id] = entity
+            known = self._heads.get(entity.lineage_id)
+            if known is None or known.version <= entity.version:
+                self._heads[entity.lineage_id] = entity
         while len(versions) > self._cache_size:
             versions.pop(next(iter(versions)))
 
