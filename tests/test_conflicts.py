@@ -157,6 +157,32 @@ def test_queued_higher_priority_goes_before_lower() -> None:
     assert order[:3] == ["high", "high", "low"]
 
 
+def test_starving_operation_runs_alone() -> None:
+    reg = _registry(exclusive_after=1)
+    e = reg.register(ReputationEntity(rank=0))
+    attempts: list[int] = []
+    others: list[threading.Thread] = []
+
+    def starving(x: ReputationEntity) -> ReputationEntity:
+        attempts.append(x.version)
+        if len(attempts) == 1:
+            reg.commit(reg.get(e.lineage_id), occ=False)  # lose once -> next attempt is exclusive
+        else:
+            critical = {"priority": OperationPriority.CRITICAL}
+            t = threading.Thread(target=reg.update, args=(e.lineage_id, _bump), kwargs=critical)
+            t.start()
+            others.append(t)
+            t.join(0.1)
+            assert t.is_alive()  # even CRITICAL waits while the exclusive attempt runs
+        return x.evolve(clean_count=1)
+
+    out = reg.update(e.lineage_id, starving, priority=OperationPriority.BACKGROUND)
+    others[0].join(5)
+    assert out.version == 2 and attempts == [0, 1]
+    head = reg.get(e.lineage_id)
+    assert (head.version, head.clean_count, head.flag_count) == (3, 1, 1)
+
+
 @pytest.mark.parametrize("grace,preempted", [(0.0, 1), (30.0, 0)])
 def test_preemption_only_after_grace_period(grace: float, preempted: int) -> None:
     reg = _registry()

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fedgspo.entities import (
+    AIPipelineEntity,
     DependencyCycleError,
     EdgeType,
     Entity,
@@ -17,6 +18,7 @@ from fedgspo.entities import (
     GSPOConfigEntity,
     GSPOTrainingRunEntity,
     MissingDependencyError,
+    ModelCheckpointEntity,
     ModelEntity,
     ReputationEntity,
     TrainingStageEntity,
@@ -180,3 +182,25 @@ def test_resolve_stages_orders_pipeline() -> None:
     gspo = TrainingStageEntity(name="gspo", depends_on=[sft.lineage_id, data.lineage_id])
     assert [s.name for s in resolve_stages([gspo, sft, data])] == ["data", "sft", "gspo"]
     assert gspo.is_complete({}) and not TrainingStageEntity(name="x", completion_criteria={"acc": 1}).is_complete({})
+
+
+def test_tree_from_entities_links_references() -> None:
+    model = ModelEntity(name="m", model_type="llama", vocab_size=16, hidden_size=8, num_layers=1)
+    cks = [ModelCheckpointEntity(base_model_id=model.lineage_id, path="c0", step=0)]
+    for step in (1, 2):
+        cks.append(
+            ModelCheckpointEntity(
+                base_model_id=model.lineage_id, path=f"c{step}", step=step, parent_checkpoint_id=cks[-1].lineage_id
+            )
+        )
+    data = TrainingStageEntity(name="data")
+    train = TrainingStageEntity(name="train", depends_on=[data.lineage_id])
+    pipeline = AIPipelineEntity(name="p", stage_ids=[data.lineage_id, train.lineage_id])
+    tree = EntityTree.from_entities([model, *cks, data, train, pipeline])
+    assert tree.walk(cks[0].lineage_id, EdgeType.LINEAGE) == [c.lineage_id for c in cks]
+    assert tree.parents(model.lineage_id, EdgeType.REFERENCE) == [c.lineage_id for c in cks]
+    assert tree.dependency_order(tree.children(pipeline.lineage_id)) == [data.lineage_id, train.lineage_id]
+    removed = tree.remove(pipeline.lineage_id)
+    assert set(removed) == {pipeline.lineage_id, data.lineage_id, train.lineage_id}
+    with pytest.raises(MissingDependencyError):
+        EntityTree.from_entities([cks[1]])

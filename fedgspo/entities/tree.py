@@ -22,7 +22,14 @@ from collections.abc import Hashable, Iterable, Iterator, Sequence
 from enum import Enum
 from typing import TypeVar
 
-from fedgspo.entities.ai import TrainingStageEntity
+from fedgspo.entities.ai import (
+    AIPipelineEntity,
+    ModelCheckpointEntity,
+    ModelLineageEntity,
+    TrainingRunEntity,
+    TrainingStageEntity,
+)
+from fedgspo.entities.base import Entity
 
 Node = Hashable
 S = TypeVar("S", bound=TrainingStageEntity)
@@ -33,6 +40,27 @@ class EdgeType(str, Enum):
     REFERENCE = "reference"
     LINEAGE = "lineage"
     DEPENDENCY = "dependency"
+
+
+# Reference fields of the AI entities and the edge each implies: (field, edge type, whether the
+# edge points from the referenced entity to the referencing one).
+_LINK_FIELDS: dict[type[Entity], tuple[tuple[str, EdgeType, bool], ...]] = {
+    ModelCheckpointEntity: (
+        ("base_model_id", EdgeType.REFERENCE, False),
+        ("parent_checkpoint_id", EdgeType.LINEAGE, True),
+    ),
+    TrainingRunEntity: (
+        ("config_id", EdgeType.REFERENCE, False),
+        ("policy_model_id", EdgeType.REFERENCE, False),
+        ("reference_model_id", EdgeType.REFERENCE, False),
+    ),
+    AIPipelineEntity: (("stage_ids", EdgeType.HIERARCHICAL, False),),
+    TrainingStageEntity: (("depends_on", EdgeType.DEPENDENCY, False),),
+    ModelLineageEntity: (
+        ("root_model_id", EdgeType.REFERENCE, False),
+        ("checkpoint_ids", EdgeType.HIERARCHICAL, False),
+    ),
+}
 
 
 class DependencyCycleError(ValueError):
@@ -59,6 +87,35 @@ class EntityTree:
         self._out: dict[EdgeType, dict[Node, dict[Node, None]]] = {t: {} for t in EdgeType}
         self._in: dict[EdgeType, dict[Node, dict[Node, None]]] = {t: {} for t in EdgeType}
         self._nodes: dict[Node, None] = {}
+
+    @classmethod
+    def from_entities(cls, entities: Iterable[Entity]) -> "EntityTree":
+        """A tree over the entities' ``lineage_id`` values with the edges their references imply.
+
+        Checkpoint parent links become LINEAGE edges (parent -> child), pipeline stages
+        HIERARCHICAL, stage ``depends_on`` DEPENDENCY, and config/model references REFERENCE.
+        A reference to an entity not among ``entities`` is a :class:`MissingDependencyError`.
+        """
+        entities = list(entities)
+        tree = cls()
+        for e in entities:
+            tree.add_node(e.lineage_id)
+        missing: dict[Node, list[Node]] = {}
+        for e in entities:
+            links = next((v for k, v in _LINK_FIELDS.items() if isinstance(e, k)), ())
+            for name, kind, reverse in links:
+                value = getattr(e, name)
+                refs = value if isinstance(value, list) else [] if value is None else [value]
+                for ref in refs:
+                    if ref not in tree:
+                        missing.setdefault(e.lineage_id, []).append(ref)
+                    elif reverse:
+                        tree.add_edge(ref, e.lineage_id, kind)
+                    else:
+                        tree.add_edge(e.lineage_id, ref, kind)
+        if missing:
+            raise MissingDependencyError(missing)
+        return tree
 
     def __contains__(self, node: object) -> bool:
         return node in self._nodes
