@@ -177,6 +177,8 @@ class ConflictResolver:
     def execute(self, op: Operation, *, pre_ecs: bool = True, occ: bool = True) -> Entity:
         """Commit ``op`` and return the new version; raise :class:`OperationRejectedError` if not.
 
+        ``op.target`` may be any version's ecs_id or the lineage_id; ``mutate`` always gets the
+        latest version (an unknown id raises ``EntityNotFound`` before anything runs).
         ``pre_ecs=False`` hands ``mutate`` the cached version itself (it must not edit it in
         place); ``occ=False`` commits on top of whatever the head is (last writer wins).
         """
@@ -192,7 +194,7 @@ class ConflictResolver:
                 queued = False
                 attempts += 1
                 try:
-                    committed = self._attempt(op, run, pre_ecs, occ)
+                    committed = self._attempt(op, lineage, run, pre_ecs, occ)
                 except (VersionConflict, Preempted) as exc:
                     self._bump("preemptions" if isinstance(exc, Preempted) else "conflicts")
                     if attempts > self.config.max_retries:
@@ -213,8 +215,8 @@ class ConflictResolver:
                 self._dequeue(state, op.priority)
 
     # -- one attempt --------------------------------------------------------------------------
-    def _attempt(self, op: Operation, run: _Running, pre_ecs: bool, occ: bool) -> Entity:
-        latest = self.store.get(op.target)
+    def _attempt(self, op: Operation, lineage: UUID, run: _Running, pre_ecs: bool, occ: bool) -> Entity:
+        latest = self.store.get(lineage)
         staged = latest.staged_copy() if pre_ecs else latest
         changed = op.mutate(staged)
         if not isinstance(changed, Entity):

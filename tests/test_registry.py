@@ -42,8 +42,9 @@ def _bump(e: ReputationEntity) -> ReputationEntity:
 def test_register_get_update_history(registry: EntityRegistry) -> None:
     v0 = registry.register(ReputationEntity(rank=2))
     v1 = registry.update(v0.lineage_id, _bump)
-    v2 = registry.update(v1.ecs_id, _bump)  # an older or newer ecs_id resolves to the lineage
+    v2 = registry.update(v0.ecs_id, _bump)  # any version's ecs_id resolves to the lineage head
     assert (v1.version, v2.version, v2.flag_count) == (1, 2, 2)
+    assert registry.resolver.metrics()["conflicts"] == 0
     assert registry.get(v0.lineage_id) is v2
     assert registry.get(v0.ecs_id) == v0 and registry.get(str(v1.ecs_id)) == v1
     assert [e.version for e in registry.history(v0.lineage_id)] == [0, 1, 2]
