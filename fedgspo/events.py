@@ -340,6 +340,9 @@ class NullEventBus:
     def subscribe(self, event_type: type[Event], handler: Handler) -> None:
         """Accepted and ignored."""
 
+    def unsubscribe(self, event_type: type[Event], handler: Handler) -> None:
+        """Accepted and ignored."""
+
     def on(self, event_type: type[Event]) -> Callable[[F], F]:
         return lambda fn: fn
 
