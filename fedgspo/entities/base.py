@@ -148,7 +148,3 @@ class Entity(BaseModel):
                 "created_at": _now(),
             }
         )
-
-    def content(self) -> dict[str, Any]:
-        """Field values without identity fields (for comparing two versions' payloads)."""
-        return {k: v for k, v in self.__dict__.items() if k not in IDENTITY_FIELDS}
