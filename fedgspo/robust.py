@@ -1,36 +1,358 @@
 """Robust all-reduce: a drop-in for ``dist.all_reduce`` that tolerates Byzantine ranks.
 
-Every rank contributes a flat update; the ranks' updates are combined by a robust rule
-instead of a sum, and the result is written back into the tensor on every rank.
+Every rank contributes a flat update; the updates are combined by a robust rule
+(:mod:`fedgspo.aggregators`) instead of a sum, the result is written back into the tensor
+on every rank, and a :class:`RobustReport` says what each rank looked like
+(:mod:`fedgspo.detection`).
+
+Modes (all give the single-process rule's result on the stacked updates, up to
+floating-point summation order):
+
+* ``sharded`` (default): the flat update is cut into ``n`` shards; ``all_to_all_single``
+  gives rank ``j`` shard ``j`` of every rank; rank ``j`` aggregates it; an
+  ``all_gather_into_tensor`` assembles the result. The bytes of a ring all-reduce. Rules
+  needing whole-vector quantities all-reduce ``n`` (or ``n x n``) partial sums.
+  Trust model: it filters Byzantine *updates* but trusts every rank to compute its shard.
+* ``replicated``: ``all_gather`` of everything; every rank aggregates the full stack.
+  ``n`` times the bytes; trusts no rank's computation.
+* ``audited``: sharded, and every shard is also aggregated by a second rank (rank ``r``
+  checks shard ``r - 1``); a disagreement is reported and fails the step. Twice the
+  all-to-all bytes and local work.
+
+Call protocol and failure behaviour:
+
+* Every rank of ``group`` must call with the same ``rule``, ``f``, ``mode``, options,
+  ``exclude`` and ``weights`` and a tensor of the same numel and dtype. A first tiny
+  ``all_gather`` of that metadata lets every rank check it: any mismatch, unknown name,
+  bound the rule cannot tolerate (e.g. ``2f >= n`` for the median) or non-floating dtype
+  raises the same ``ValueError`` on *every* rank (no hang); the tensor is unchanged.
+* Nonfinite updates (NaN/Inf, or a squared norm overflowing) are always flagged and left
+  out of the aggregate; so are ranks in ``exclude`` or with weight 0 (they are still
+  measured and reported).
+* Consensus failure: too few usable ranks for the rule's bound, more than ``f`` flagged
+  ranks among those aggregated, a nonfinite aggregate, or (audited) a shard mismatch. Then
+  ``report.consensus_failed`` is True on every rank, ``report.reason`` says why, and the
+  tensor is **zeroed** on every rank. The caller must skip the optimizer step (a zero
+  gradient still moves momentum-based optimizers) or stop.
+* Single process (``torch.distributed`` not initialised, or a group of one): the tensor is
+  left as is and a trivial report returned.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-RULES = ("mean", "median", "trimmed_mean")
+from fedgspo.aggregators import Aggregator, ShardContext, build_aggregator
+from fedgspo.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
+
+MODES = ("sharded", "replicated", "audited")
+# ``all_gather_into_tensor`` was renamed ``all_gather_single`` (same semantics) in torch 2.13.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+# Metadata slots exchanged before any data moves.
+_NUMEL, _DTYPE, _F, _CONFIG, _ERROR, _SQ_NORM = range(6)
 
 
 @dataclass(frozen=True)
 class RobustReport:
-    """What one robust all-reduce saw: per-rank distance to the result and flagged ranks."""
+    """What one robust all-reduce saw; identical on every rank. Lists are indexed by rank.
+
+    Attributes:
+        distances: ``||x_i - a||`` to the (first) robust aggregate ``a``.
+        z_scores: robust z-scores of the log distances (see :mod:`fedgspo.detection`).
+        flagged: ranks flagged as outliers or nonfinite (sorted).
+        cosines: cosine of ``x_i`` to ``a``; ``z_cosine`` their robust z-scores.
+        norms: ``||x_i||``; ``z_norm`` robust z-scores of the log norms.
+        nonfinite: ranks whose update had NaN/Inf (always flagged, never aggregated).
+        excluded: ranks left out of the aggregate (requested, weight 0, nonfinite, or
+            flagged with ``exclude_flagged``).
+        weights: the weight each rank had in the aggregate's rule (0 = excluded).
+        consensus_failed: the result is unusable; the tensor was zeroed; skip the step.
+        reason: why consensus failed ("" otherwise).
+        audit_mismatches: ranks whose shard disagreed with its auditor (audited mode).
+        rule, mode, world_size: what was run.
+    """
 
     distances: list[float]
     z_scores: list[float]
     flagged: list[int]
+    cosines: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    z_cosine: list[float] = field(default_factory=list)
+    z_norm: list[float] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)
+    excluded: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    consensus_failed: bool = False
+    reason: str = ""
+    audit_mismatches: list[int] = field(default_factory=list)
+    rule: str = ""
+    mode: str = ""
+    world_size: int = 1
 
 
-def _aggregate(stack: torch.Tensor, rule: str, f: int) -> torch.Tensor:
-    n = stack.shape[0]
-    if rule == "mean":
-        return stack.mean(0)
-    if rule == "median":
-        return stack.median(0).values if n % 2 else stack.sort(0).values[n // 2 - 1 : n // 2 + 1].mean(0)
-    sorted_ = stack.sort(0).values
-    return sorted_[f : n - f].mean(0)
+_AGGREGATORS: dict[str, Aggregator] = {}
+
+
+def _cached_aggregator(rule: str, f: int, pre: Sequence[str], options: dict[str, float | int]) -> Aggregator:
+    """One instance per configuration, so its call counter (bucketing's shuffles) persists."""
+    key = repr((rule, f, tuple(pre), sorted(options.items())))
+    if key not in _AGGREGATORS:
+        _AGGREGATORS[key] = build_aggregator(rule, f, pre=pre, **options)
+    return _AGGREGATORS[key]
+
+
+def _crc(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+@dataclass
+class _Plan:
+    """The validated call: identical on every rank once :func:`_agree` has returned."""
+
+    agg: Aggregator
+    n: int
+    keep: list[int]
+    weights: torch.Tensor
+    nonfinite: list[int]
+    round: int
+
+
+def _local_plan(
+    tensor: torch.Tensor,
+    rule: str,
+    f: int,
+    n: int,
+    mode: str,
+    exclude: Sequence[int],
+    weights: Sequence[float] | None,
+    pre: Sequence[str],
+    options: dict[str, float | int],
+) -> tuple[Aggregator | None, torch.Tensor, str]:
+    """Build the rule and this rank's metadata row; returns (rule, weights, local error)."""
+    w = torch.ones(n, dtype=torch.float64)
+    try:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        if tensor.dtype not in _DTYPE_CODES:
+            raise ValueError(f"unsupported dtype {tensor.dtype}; supported: {sorted(map(str, _DTYPE_CODES))}")
+        if any(not 0 <= r < n for r in exclude):
+            raise ValueError(f"exclude {list(exclude)} names ranks outside 0..{n - 1}")
+        if weights is not None:
+            w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+            if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise ValueError(f"weights must be {n} finite non-negative numbers, got {list(weights)}")
+        return _cached_aggregator(rule, f, pre, options), w, ""
+    except ValueError as err:
+        return None, w, str(err)
+
+
+def _agree(
+    tensor: torch.Tensor,
+    f: int,
+    agg: Aggregator | None,
+    error: str,
+    config_text: str,
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """All-gather every rank's metadata and raise the same ``ValueError`` everywhere on a mismatch.
+
+    Returns the ``(n, 6)`` metadata (numel, dtype code, f, config checksum, error, ||x||^2).
+    """
+    n = dist.get_world_size(group)
+    flat = tensor.reshape(-1)
+    # Half-precision squares overflow early: accumulate those in float32.
+    wide = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
+    sq_norm = torch.linalg.vector_norm(flat, dtype=wide).double().square().item() if flat.is_floating_point() else 0.0
+    row = torch.tensor(
+        [flat.numel(), _DTYPE_CODES.get(tensor.dtype, 0), f, _crc(config_text), float(bool(error)), sq_norm],
+        dtype=torch.float64,
+        device=tensor.device,
+    )
+    meta = torch.empty(n * row.numel(), dtype=torch.float64, device=tensor.device)
+    _all_gather(meta, row, group=group)
+    meta = meta.view(n, -1).cpu()
+    bad = [r for r in range(n) if meta[r, _ERROR] != 0]
+    if bad:
+        raise ValueError(f"robust_all_reduce: invalid arguments on rank(s) {bad}" + (f": {error}" if error else ""))
+    for slot, what in ((_NUMEL, "numel"), (_DTYPE, "dtype"), (_F, "f"), (_CONFIG, "rule/mode/options/exclude/weights")):
+        if bool((meta[:, slot] != meta[0, slot]).any()):
+            values = [int(v) for v in meta[:, slot].tolist()]
+            raise ValueError(f"robust_all_reduce: ranks disagree on {what} (per rank: {values})")
+    assert agg is not None
+    try:
+        agg.check(n)
+    except ValueError as err:
+        raise ValueError(f"robust_all_reduce: {err}") from None
+    return meta
+
+
+def _all_reduce_fn(group: dist.ProcessGroup | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    def total(partial: torch.Tensor) -> torch.Tensor:
+        t = partial.to(device=device, dtype=torch.float64).contiguous()
+        dist.all_reduce(t, group=group)
+        return t
+
+    return total
+
+
+def _aggregate(plan: _Plan, stack: torch.Tensor, keep: list[int], ctx: ShardContext) -> torch.Tensor:
+    rows = stack if len(keep) == plan.n else stack.index_select(0, torch.tensor(keep, device=stack.device))
+    w = plan.weights[keep] if plan.agg.supports_weights else None
+    return plan.agg.aggregate(rows, ctx, w).contiguous()
+
+
+def _partial_stats(stack: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
+    """Per-source partial sums over the held columns: ``<x_i, a>`` (n), ``||x_i||^2`` (n), ``||a||^2``."""
+    dots = stack @ agg
+    sq = torch.linalg.vector_norm(stack, dim=1).double().square()
+    return torch.cat([dots.double(), sq, torch.dot(agg, agg).double().reshape(1)])
+
+
+def _tolerates(agg: Aggregator, rows: int) -> bool:
+    try:
+        agg.check(rows)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class _Outcome:
+    """Aggregated shard(s) plus everything the report needs."""
+
+    shards: list[torch.Tensor]
+    report: RobustReport
+
+
+def _robust_shards(
+    plan: _Plan,
+    stacks: list[torch.Tensor],
+    total: Callable[[torch.Tensor], torch.Tensor],
+    z_threshold: float,
+    exclude_flagged: bool,
+    mode: str,
+) -> _Outcome:
+    """Aggregate ``stacks`` (the primary shard first, then audit copies), detect, decide consensus."""
+    ctx = ShardContext(total, plan.round)
+    shards = [_aggregate(plan, s, plan.keep, ctx) for s in stacks]
+    sums = total(_partial_stats(stacks[0], shards[0])).cpu()
+    n = plan.n
+    stats = statistics_from_sums(sums[:n], sums[n : 2 * n], float(sums[2 * n]))
+    det = detect(stats, z_threshold)
+    flagged = sorted(set(det.flagged) | set(plan.nonfinite))
+    keep = plan.keep
+    reason = ""
+    if exclude_flagged and set(flagged) & set(keep):
+        keep = [r for r in keep if r not in flagged]
+        if _tolerates(plan.agg, len(keep)):
+            shards = [_aggregate(plan, s, keep, ctx) for s in stacks]
+        else:
+            reason = f"after excluding flagged ranks {flagged}, {len(keep)} ranks are too few for {plan.agg.spec()}"
+    suspicious = [r for r in flagged if r in keep]
+    if not reason and len(suspicious) > plan.agg.f:
+        reason = f"{len(suspicious)} aggregated ranks flagged ({suspicious}) but {plan.agg.spec()} tolerates f={plan.agg.f}"
+    if not reason and not torch.isfinite(sums[2 * n]):
+        reason = "the aggregate is not finite"
+    weights = [float(plan.weights[r]) if r in keep else 0.0 for r in range(n)]
+    report = RobustReport(
+        distances=stats.distances,
+        z_scores=det.z_distance,
+        flagged=flagged,
+        cosines=stats.cosines,
+        norms=stats.norms,
+        z_cosine=det.z_cosine,
+        z_norm=det.z_norm,
+        nonfinite=plan.nonfinite,
+        excluded=[r for r in range(n) if r not in keep],
+        weights=weights,
+        consensus_failed=bool(reason),
+        reason=reason,
+        rule=plan.agg.spec(),
+        mode=mode,
+        world_size=n,
+    )
+    return _Outcome(shards, report)
+
+
+def _failed_report(plan: _Plan, mode: str, reason: str) -> RobustReport:
+    nan = [float("nan")] * plan.n
+    return RobustReport(
+        distances=nan,
+        z_scores=nan,
+        flagged=plan.nonfinite,
+        cosines=nan,
+        norms=nan,
+        z_cosine=nan,
+        z_norm=nan,
+        nonfinite=plan.nonfinite,
+        excluded=[r for r in range(plan.n) if r not in plan.keep],
+        weights=[float(plan.weights[r]) if r in plan.keep else 0.0 for r in range(plan.n)],
+        consensus_failed=True,
+        reason=reason,
+        rule=plan.agg.spec(),
+        mode=mode,
+        world_size=plan.n,
+    )
+
+
+def _replicated(plan: _Plan, flat: torch.Tensor, group: dist.ProcessGroup | None, **kw: object) -> tuple[
+    RobustReport, torch.Tensor | None
+]:
+    gathered = torch.empty(plan.n * flat.numel(), dtype=flat.dtype, device=flat.device)
+    _all_gather(gathered, flat.contiguous(), group=group)
+    outcome = _robust_shards(plan, [gathered.view(plan.n, -1)], lambda t: t, mode="replicated", **kw)  # type: ignore[arg-type]
+    return outcome.report, outcome.shards[0]
+
+
+def _sharded(plan: _Plan, flat: torch.Tensor, group: dist.ProcessGroup | None, audited: bool, **kw: object) -> tuple[
+    RobustReport, torch.Tensor | None
+]:
+    n, d = plan.n, flat.numel()
+    s = -(-d // n)
+    padded = flat.contiguous() if d == n * s else torch.nn.functional.pad(flat, (0, n * s - d))
+    per_dest = padded.view(n, s)
+    if audited:  # rank r receives [shard r, shard r - 1] from every rank
+        per_dest = torch.stack([per_dest, per_dest.roll(1, 0)], dim=1)
+    recv = torch.empty_like(per_dest)
+    dist.all_to_all_single(recv.view(-1), per_dest.reshape(-1), group=group)
+    stacks = [recv[:, 0], recv[:, 1]] if audited else [recv]
+    total = _all_reduce_fn(group, flat.device)
+    outcome = _robust_shards(plan, stacks, total, mode="audited" if audited else "sharded", **kw)  # type: ignore[arg-type]
+    report = outcome.report
+    if report.consensus_failed:
+        return report, None
+    out = torch.empty(n * s, dtype=flat.dtype, device=flat.device)
+    _all_gather(out, outcome.shards[0], group=group)
+    if audited:
+        report = _audit(report, out.view(n, s), outcome.shards[1], total, group)
+    return report, out[:d]
+
+
+def _audit(
+    report: RobustReport,
+    result: torch.Tensor,
+    check: torch.Tensor,
+    total: Callable[[torch.Tensor], torch.Tensor],
+    group: dist.ProcessGroup | None,
+) -> RobustReport:
+    """Compare this rank's recomputation of shard ``r - 1`` with what its owner sent; agree on mismatches."""
+    n, rank = result.shape[0], dist.get_rank(group)
+    owner = (rank - 1) % n
+    mismatch = torch.zeros(n, dtype=torch.float64)
+    mismatch[owner] = float(not torch.allclose(result[owner], check, rtol=1e-5, atol=1e-7, equal_nan=True))
+    bad = [r for r, v in enumerate(total(mismatch).cpu().tolist()) if v > 0]
+    if not bad:
+        return report
+    pairs = ", ".join(f"shard of rank {r} vs auditor rank {(r + 1) % n}" for r in bad)
+    return RobustReport(
+        **{**report.__dict__, "consensus_failed": True, "reason": f"audit mismatch: {pairs}", "audit_mismatches": bad}
+    )
 
 
 def robust_all_reduce(
@@ -38,24 +360,61 @@ def robust_all_reduce(
     rule: str = "trimmed_mean",
     f: int = 1,
     group: dist.ProcessGroup | None = None,
-    z_threshold: float = 3.0,
+    *,
+    mode: str = "sharded",
+    z_threshold: float = DEFAULT_THRESHOLD,
+    exclude: Sequence[int] = (),
+    weights: Sequence[float] | None = None,
+    exclude_flagged: bool = False,
+    pre: Sequence[str] = (),
+    **rule_options: float | int,
 ) -> RobustReport:
-    """Replace ``tensor`` in place, on every rank, by the robust aggregate of all ranks' tensors."""
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
-    n = dist.get_world_size(group) if dist.is_initialized() else 1
-    if n == 1:
-        return RobustReport([0.0], [0.0], [])
-    if rule == "trimmed_mean" and 2 * f >= n:
-        f = 0  # placeholder behaviour until the aggregation module lands
-    out = torch.empty(n * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.reshape(-1).contiguous(), group=group)
-    stack = out.view(n, -1)
-    agg = _aggregate(stack, rule, f)
-    dists = (stack - agg).norm(dim=1)
-    med = dists.median()
-    mad = (dists - med).abs().median().clamp_min(1e-12)
-    z = 0.6745 * (dists - med) / mad
-    tensor.copy_(agg.view_as(tensor))
-    flagged = [i for i, v in enumerate(z.tolist()) if v > z_threshold]
-    return RobustReport(dists.tolist(), z.tolist(), flagged)
+    """Replace ``tensor`` in place, on every rank, by the robust aggregate of all ranks' tensors.
+
+    Args:
+        tensor: this rank's update (any shape, floating dtype); overwritten with the result.
+        rule: a name from :data:`fedgspo.aggregators.RULES`.
+        f: Byzantine ranks to tolerate; the rule's bound is checked against the world size.
+        group: process group (default: the world).
+        mode: ``"sharded"``, ``"replicated"`` or ``"audited"`` (module docstring).
+        z_threshold: robust z-score threshold for flagging (:mod:`fedgspo.detection`).
+        exclude: ranks left out of the aggregate (e.g. quarantined); still measured.
+        weights: per-rank non-negative weights; 0 excludes a rank; rules with a weighted
+            form (mean, geometric median, centered clipping) use the values.
+        exclude_flagged: re-aggregate without the ranks flagged in this call.
+        pre: pre-aggregation steps (``"nnm"``, ``"bucketing"``).
+        rule_options: the rule's (and bucketing's) further arguments.
+
+    Returns:
+        A :class:`RobustReport`, identical on every rank.
+
+    Raises:
+        ValueError: on every rank, for invalid or inconsistent arguments (tensor unchanged).
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return RobustReport([0.0], [0.0], [], cosines=[1.0], norms=[float(tensor.norm())], weights=[1.0], rule=rule)
+    n = dist.get_world_size(group)
+    options = dict(rule_options)
+    config_text = repr((rule, mode, sorted(options.items()), list(pre), sorted(exclude), weights, z_threshold, exclude_flagged))
+    agg, w, error = _local_plan(tensor, rule, f, n, mode, exclude, weights, pre, options)
+    with torch.no_grad():
+        meta = _agree(tensor, f, agg, error, config_text, group)
+        assert agg is not None
+        nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, _SQ_NORM])]
+        keep = [r for r in range(n) if r not in set(exclude) and w[r] > 0 and r not in nonfinite]
+        plan = _Plan(agg, n, keep, w, nonfinite, agg._calls)
+        agg._calls += 1
+        flat = tensor.reshape(-1)
+        if not _tolerates(agg, len(keep)):
+            report, result = _failed_report(plan, mode, f"{len(keep)} usable ranks are too few for {agg.spec()}"), None
+        elif mode == "replicated":
+            report, result = _replicated(plan, flat, group, z_threshold=z_threshold, exclude_flagged=exclude_flagged)
+        else:
+            report, result = _sharded(
+                plan, flat, group, mode == "audited", z_threshold=z_threshold, exclude_flagged=exclude_flagged
+            )
+        if report.consensus_failed or result is None:
+            tensor.zero_()
+        else:
+            tensor.copy_(result.view_as(tensor))
+    return report
