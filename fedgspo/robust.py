@@ -51,8 +51,8 @@ from fedgspo.aggregators import Aggregator, ShardContext, build_aggregator
 from fedgspo.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
 
 MODES = ("sharded", "replicated", "audited")
-# ``all_gather_into_tensor`` was renamed ``all_gather_single`` (same semantics) in torch 2.13.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+#: ``dist.all_gather_into_tensor`` under its torch >= 2.13 name ``all_gather_single`` when present.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
 # Metadata slots exchanged before any data moves.
 _NUMEL, _DTYPE, _F, _CONFIG, _ERROR, _SQ_NORM = range(6)
@@ -175,7 +175,7 @@ def _agree(
         device=tensor.device,
     )
     meta = torch.empty(n * row.numel(), dtype=torch.float64, device=tensor.device)
-    _all_gather(meta, row, group=group)
+    all_gather_single(meta, row, group=group)
     meta = meta.view(n, -1).cpu()
     bad = [r for r in range(n) if meta[r, _ERROR] != 0]
     if bad:
@@ -305,7 +305,7 @@ def _replicated(plan: _Plan, flat: torch.Tensor, group: dist.ProcessGroup | None
     RobustReport, torch.Tensor | None
 ]:
     gathered = torch.empty(plan.n * flat.numel(), dtype=flat.dtype, device=flat.device)
-    _all_gather(gathered, flat.contiguous(), group=group)
+    all_gather_single(gathered, flat.contiguous(), group=group)
     outcome = _robust_shards(plan, [gathered.view(plan.n, -1)], lambda t: t, mode="replicated", **kw)  # type: ignore[arg-type]
     return outcome.report, outcome.shards[0]
 
@@ -328,7 +328,7 @@ def _sharded(plan: _Plan, flat: torch.Tensor, group: dist.ProcessGroup | None, a
     if report.consensus_failed:
         return report, None
     out = torch.empty(n * s, dtype=flat.dtype, device=flat.device)
-    _all_gather(out, outcome.shards[0], group=group)
+    all_gather_single(out, outcome.shards[0], group=group)
     if audited:
         report = _audit(report, out.view(n, s), outcome.shards[1], total, group)
     return report, out[:d]

@@ -1,0 +1,186 @@
+"""Byzantine attack simulator: corrupt chosen ranks' flat updates (or rewards) from a step on.
+
+:func:`apply_attack` is called by *every* rank on its flat update after backward and before
+the robust all-reduce; it changes the update only on ``cfg.ranks`` from ``cfg.start_step``.
+:func:`poison_rewards` is called on every rank on its rewards before advantages are
+computed (only ``reward_flip`` changes anything).
+
+Attacks (``strength`` default per kind in brackets):
+
+* ``sign_flip`` [1]: ``-strength * g``.            * ``scaled`` [10]: ``strength * g``.
+* ``gaussian`` [1]: ``N(0, strength^2)`` noise in place of ``g``.
+* ``zero``: ``0``.                                 * ``nan``: all NaN.
+* ``bit_flip`` [1e-3]: a fraction ``strength`` of the coordinates get their top exponent bit
+  flipped (huge or tiny values).
+* ``alie`` [z_max of Baruch et al.]: ``mean - strength * std`` of the honest updates
+  ("A little is enough", NeurIPS 2019); colluding.
+* ``ipm`` [0.1]: ``-strength * mean`` of the honest updates (inner product manipulation,
+  Xie et al., UAI 2020); colluding.
+* ``reward_flip`` [1]: rewards ``r -> -strength * r`` (upstream; updates untouched).
+
+Colluding attacks read the honest updates through an ``all_gather`` of every rank's update
+(``n`` times the gradient bytes: simulation only). All ranks take part whenever the attack
+is active, so nothing hangs; randomness is seeded by ``(seed, rank, step)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from statistics import NormalDist
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedgspo.robust import all_gather_single
+
+
+class AttackConfig(BaseModel):
+    """Which ranks attack, how, and from when."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    kind: str = Field(description="Attack name, a key of ATTACKS.")
+    ranks: list[int] = Field(default_factory=list, description="Byzantine ranks.")
+    strength: float | None = Field(None, description="Attack parameter; None: the kind's default.")
+    start_step: int = Field(0, ge=0, description="First step at which the attack is active.")
+    seed: int = Field(0, description="Seed of the random attacks (gaussian, bit_flip).")
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        if kind not in ATTACKS:
+            raise ValueError(f"unknown attack {kind!r}; known: {', '.join(sorted(ATTACKS))}")
+        return kind
+
+    @field_validator("ranks")
+    @classmethod
+    def _distinct(cls, ranks: list[int]) -> list[int]:
+        if len(set(ranks)) != len(ranks) or any(r < 0 for r in ranks):
+            raise ValueError(f"ranks must be distinct non-negative integers, got {ranks}")
+        return sorted(ranks)
+
+    def active(self, step: int) -> bool:
+        """Whether the attack acts at ``step`` (same answer on every rank)."""
+        return step >= self.start_step and bool(self.ranks)
+
+
+def _generator(cfg: AttackConfig, rank: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_003 + step)
+
+
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al.'s ``z_max = Phi^-1((n - s) / n)`` with ``s = floor(n/2 + 1) - f``."""
+    s = math.floor(n / 2 + 1) - f
+    return NormalDist().inv_cdf(min(max((n - s) / n, 1e-6), 1 - 1e-6))
+
+
+def _honest_stack(flat: torch.Tensor, cfg: AttackConfig, group: dist.ProcessGroup | None) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    out = torch.empty(n * flat.numel(), dtype=flat.dtype, device=flat.device)
+    all_gather_single(out, flat.contiguous(), group=group)
+    honest = [r for r in range(n) if r not in cfg.ranks]
+    if not honest:
+        raise ValueError("colluding attacks need at least one honest rank")
+    return out.view(n, -1)[honest]
+
+
+def _sign_flip(g: torch.Tensor, s: float, gen: torch.Generator) -> None:
+    g.mul_(-s)
+
+
+def _scaled(g: torch.Tensor, s: float, gen: torch.Generator) -> None:
+    g.mul_(s)
+
+
+def _gaussian(g: torch.Tensor, s: float, gen: torch.Generator) -> None:
+    g.copy_(torch.randn(g.shape, generator=gen, dtype=g.dtype) * s)
+
+
+def _zero(g: torch.Tensor, s: float, gen: torch.Generator) -> None:
+    g.zero_()
+
+
+def _nan(g: torch.Tensor, s: float, gen: torch.Generator) -> None:
+    g.fill_(math.nan)
+
+
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_flip(g: torch.Tensor, s: float, gen: torch.Generator) -> None:
+    bits = g.view(_INT_OF_SIZE[g.element_size()])
+    count = max(1, math.ceil(s * g.numel()))
+    idx = torch.randperm(g.numel(), generator=gen)[:count].to(g.device)
+    top_exponent_bit = 1 << (8 * g.element_size() - 2)
+    bits[idx] ^= top_exponent_bit
+
+
+def _no_op(g: torch.Tensor, s: float, gen: torch.Generator) -> None:
+    """``reward_flip`` acts on rewards (:func:`poison_rewards`), not on updates."""
+
+
+LocalAttack = Callable[[torch.Tensor, float, torch.Generator], None]
+_LOCAL: dict[str, LocalAttack] = {
+    "sign_flip": _sign_flip,
+    "scaled": _scaled,
+    "gaussian": _gaussian,
+    "zero": _zero,
+    "nan": _nan,
+    "bit_flip": _bit_flip,
+    "reward_flip": _no_op,
+}
+COLLUDING = ("alie", "ipm")
+ATTACKS: tuple[str, ...] = tuple(sorted((*_LOCAL, *COLLUDING)))
+_DEFAULT_STRENGTH = {"sign_flip": 1.0, "scaled": 10.0, "gaussian": 1.0, "bit_flip": 1e-3, "ipm": 0.1, "reward_flip": 1.0}
+
+
+def strength_of(cfg: AttackConfig, n: int) -> float:
+    """The attack parameter in effect: ``cfg.strength`` or the kind's default for ``n`` ranks."""
+    if cfg.strength is not None:
+        return cfg.strength
+    if cfg.kind == "alie":
+        return alie_z(n, len(cfg.ranks))
+    return _DEFAULT_STRENGTH.get(cfg.kind, 0.0)
+
+
+def apply_attack(
+    cfg: AttackConfig | None, flat_grad: torch.Tensor, rank: int, step: int, group: dist.ProcessGroup | None = None
+) -> bool:
+    """Corrupt ``flat_grad`` in place if this rank attacks at ``step``; returns whether it did.
+
+    Must be called by every rank of ``group`` with the same ``cfg`` and ``step`` (colluding
+    attacks run an ``all_gather`` in which every rank takes part). ``flat_grad`` must be a
+    1-D floating tensor. Without ``torch.distributed`` colluding attacks raise ``ValueError``.
+    """
+    if cfg is None or not cfg.active(step):
+        return False
+    attacker = rank in cfg.ranks
+    if cfg.kind in COLLUDING:
+        if not dist.is_initialized():
+            raise ValueError(f"attack {cfg.kind!r} needs torch.distributed (it reads honest updates)")
+        honest = _honest_stack(flat_grad, cfg, group)
+        if attacker:
+            s = strength_of(cfg, dist.get_world_size(group))
+            mean = honest.mean(0)
+            if cfg.kind == "alie":
+                std = honest.std(0, correction=1 if honest.shape[0] > 1 else 0)
+                flat_grad.copy_(mean - s * std)
+            else:
+                flat_grad.copy_(-s * mean)
+        return attacker
+    if attacker:
+        n = dist.get_world_size(group) if dist.is_initialized() else 1
+        _LOCAL[cfg.kind](flat_grad, strength_of(cfg, n), _generator(cfg, rank, step))
+    return attacker
+
+
+def poison_rewards(cfg: AttackConfig | None, rewards: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    """Rewards as this rank reports them: ``-strength * rewards`` under an active ``reward_flip``.
+
+    Returns a new tensor (or ``rewards`` itself when untouched); no collectives.
+    """
+    if cfg is None or cfg.kind != "reward_flip" or not cfg.active(step) or rank not in cfg.ranks:
+        return rewards
+    return rewards * -strength_of(cfg, 1)

@@ -1,0 +1,106 @@
+"""Per-rank reputation: trust scores, quarantine and rehabilitation from robust-all-reduce reports.
+
+Each rank has a :class:`RankReputation` (a plain pydantic model, one per rank, meant to be
+persisted as an entity). :meth:`ReputationTracker.update` folds one
+:class:`~fedgspo.robust.RobustReport` into all of them:
+
+* ``trust <- decay * trust + (1 - decay) * (0 if flagged else 1)`` (an EMA of clean steps);
+* a rank flagged in at least ``quarantine_after`` of its last ``window`` steps is
+  quarantined: weight 0 (left out of the aggregate) but still measured every step;
+* a quarantined rank with ``rehabilitate_after`` consecutive clean steps is released and
+  its recent-flag window cleared.
+
+The update is pure arithmetic on the report, so trackers on different ranks that see the
+same reports (reports are identical on every rank) stay identical. Call it once per
+robust all-reduce, after it and before the next one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedgspo.robust import RobustReport
+
+
+class ReputationConfig(BaseModel):
+    """How trust is earned and lost."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of the trust score per step.")
+    window: int = Field(10, gt=0, description="Recent steps considered for quarantine.")
+    quarantine_after: int = Field(3, gt=0, description="Flags within the window that quarantine a rank.")
+    rehabilitate_after: int = Field(20, gt=0, description="Consecutive clean steps that release a quarantined rank.")
+
+    @model_validator(mode="after")
+    def _fits_window(self) -> "ReputationConfig":
+        if self.quarantine_after > self.window:
+            raise ValueError(f"quarantine_after ({self.quarantine_after}) > window ({self.window})")
+        return self
+
+
+class RankReputation(BaseModel):
+    """One rank's reputation; serialisable with ``model_dump`` / ``model_validate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(ge=0)
+    trust: float = Field(1.0, ge=0, le=1, description="EMA of clean steps (1 = always clean).")
+    steps: int = Field(0, ge=0, description="Reports seen.")
+    flags: int = Field(0, ge=0, description="Times flagged in total.")
+    consecutive_clean: int = Field(0, ge=0)
+    recent: list[bool] = Field(default_factory=list, description="Flag history, newest last, at most `window`.")
+    quarantined: bool = False
+    quarantines: int = Field(0, ge=0, description="Times quarantined.")
+
+
+class ReputationTracker:
+    """Reputations of all ``world_size`` ranks, updated from robust all-reduce reports."""
+
+    def __init__(self, world_size: int, config: ReputationConfig | None = None) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.config = config or ReputationConfig()
+        self.ranks = [RankReputation(rank=r) for r in range(world_size)]
+
+    def update(self, report: RobustReport) -> None:
+        """Fold one report in. Raises ``ValueError`` if it names a rank outside the world."""
+        flagged = set(report.flagged)
+        if any(not 0 <= r < len(self.ranks) for r in flagged):
+            raise ValueError(f"report flags {sorted(flagged)} outside 0..{len(self.ranks) - 1}")
+        cfg = self.config
+        for rep in self.ranks:
+            bad = rep.rank in flagged
+            rep.steps += 1
+            rep.flags += bad
+            rep.trust = cfg.decay * rep.trust + (1 - cfg.decay) * (0.0 if bad else 1.0)
+            rep.recent = (rep.recent + [bad])[-cfg.window :]
+            rep.consecutive_clean = 0 if bad else rep.consecutive_clean + 1
+            if rep.quarantined and rep.consecutive_clean >= cfg.rehabilitate_after:
+                rep.quarantined = False
+                rep.recent = []
+            elif not rep.quarantined and sum(rep.recent) >= cfg.quarantine_after:
+                rep.quarantined = True
+                rep.quarantines += 1
+
+    def quarantined(self) -> list[int]:
+        """Ranks currently quarantined (pass as ``exclude=`` to the robust all-reduce)."""
+        return [rep.rank for rep in self.ranks if rep.quarantined]
+
+    def weights(self, trust_weighted: bool = False) -> list[float]:
+        """Per-rank weights: 0 when quarantined, else the trust score or 1.0."""
+        return [0.0 if rep.quarantined else (rep.trust if trust_weighted else 1.0) for rep in self.ranks]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state (JSON-serialisable) for checkpoints."""
+        return {"config": self.config.model_dump(), "ranks": [rep.model_dump() for rep in self.ranks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; raises ``ValueError`` if the world size differs."""
+        ranks = [RankReputation.model_validate(r) for r in state["ranks"]]
+        if len(ranks) != len(self.ranks):
+            raise ValueError(f"state has {len(ranks)} ranks, tracker has {len(self.ranks)}")
+        self.config = ReputationConfig.model_validate(state["config"])
+        self.ranks = ranks
