@@ -32,7 +32,7 @@ class RunConfig(_Section):
 
     name: str | None = Field(None, description="Run name; default: a timestamp.")
     dir: Path | None = Field(None, description="Run directory; default: runs/<name>.")
-    log_every: int = Field(10, gt=0, description="Steps between console summaries.")
+    log_every: int = Field(50, gt=0, description="Steps between console summaries.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
     progress_bar: bool = Field(True, description="Show a progress bar on rank 0.")
 
@@ -74,13 +74,14 @@ class RewardFuncConfig(_Section):
 class TaskConfig(_Section):
     """The embedded synthetic task with verifiable rewards."""
 
-    name: Literal["copy", "reverse", "sort"] = "reverse"
+    name: Literal["copy", "reverse", "sort"] = "copy"
     min_digits: int = Field(2, gt=0)
     max_digits: int = Field(4, gt=0)
     prompts_per_rank: int = Field(8, gt=0, description="Distinct prompts per rank and rollout.")
     reward_funcs: list[RewardFuncConfig] = Field(
         default_factory=lambda: [
             RewardFuncConfig(name="digit_accuracy", weight=1.0),
+            RewardFuncConfig(name="length_match", weight=0.5),
             RewardFuncConfig(name="exact_match", weight=0.5),
         ],
         min_length=1,
@@ -104,9 +105,9 @@ class GSPOConfig(_Section):
     importance_sampling_level: Literal["sequence", "token"] = Field(
         "sequence", description="'sequence' is GSPO, 'token' is GSPO-token."
     )
-    max_completion_length: int = Field(8, gt=0)
+    max_completion_length: int = Field(6, gt=0)
     temperature: float = Field(1.0, gt=0)
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.99, ge=0, lt=1)
@@ -119,14 +120,16 @@ class AggregationConfig(_Section):
     """How the ranks' gradients are combined (replaces ``dist.all_reduce``)."""
 
     rule: Literal["mean", "median", "trimmed_mean"] = "trimmed_mean"
-    f: int = Field(1, ge=0, description="Number of Byzantine ranks to tolerate.")
+    f: int | Literal["auto"] = Field(
+        "auto", description="Byzantine ranks to tolerate; 'auto': the most the rule allows for the world size."
+    )
     z_threshold: float = Field(3.0, gt=0, description="Robust z-score above which a rank is flagged.")
 
 
 class TrainConfig(_Section):
     """The outer loop."""
 
-    max_steps: int = Field(300, gt=0, description="Optimizer steps (as in TRL).")
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps (as in TRL).")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(

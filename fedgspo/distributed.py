@@ -1,0 +1,125 @@
+"""Process-group set-up from torchrun's environment, and flat-gradient plumbing.
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables; without
+them the run is a single process and no process group is created. CUDA gets nccl, CPU gets gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: rank, world size, its device, and whether it is rank 0."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def _pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistContext:
+    """Initialise the default process group when launched by torchrun, else a single process.
+
+    Failure: rendezvous errors propagate from ``init_process_group`` (the run cannot start);
+    the caller should exit non-zero so torchrun's restart policy applies.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    dev = _pick_device(device, local_rank)
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistContext(rank, world_size, local_rank, local_world_size, dev)
+
+
+def destroy_distributed() -> None:
+    """Tear down the default process group if one exists (call on success only)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` from rank ``src`` on every rank (identity in a single process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to rank ``src``'s."""
+    if not dist.is_initialized():
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=src)
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ranks (one small collective; identity in a single process)."""
+    if not dist.is_initialized():
+        return values
+    out = values.clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+class FlatGradients:
+    """One preallocated contiguous buffer that holds every parameter's gradient.
+
+    After construction each ``param.grad`` is a view into :attr:`buffer`, so backward writes
+    straight into it and an in-place collective on the buffer updates the gradients without a
+    copy. Call :meth:`zero` instead of ``optimizer.zero_grad()`` (which would drop the views).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"all trainable parameters must share one dtype, got {sorted(map(str, dtypes))}")
+        total = sum(p.numel() for p in self.params)
+        self.buffer = torch.zeros(total, dtype=self.params[0].dtype, device=self.params[0].device)
+        offset = 0
+        for p in self.params:
+            p.grad = self.buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def zero(self) -> None:
+        self.buffer.zero_()

@@ -1,0 +1,303 @@
+"""Train a causal LM with GSPO across ranks, combining gradients with a robust all-reduce.
+
+Single process (CPU or one GPU)::
+
+    python -m fedgspo.train                                   # embedded default config
+    python -m fedgspo.train --config configs/default.yaml train.max_steps=50
+
+One node, N processes (gloo on CPU, nccl on GPUs)::
+
+    torchrun --standalone --nproc_per_node=2 -m fedgspo.train aggregation.rule=median
+
+Several nodes (run on every node; the first node's address as rendezvous endpoint)::
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=$HEAD_NODE:29500 --rdzv_id=$JOB_ID -m fedgspo.train --config configs/X.yaml
+
+SLURM: ``sbatch launch/slurm.sbatch [key=value ...]``.
+
+One optimizer step: every ``num_iterations`` steps each rank samples ``num_generations``
+completions for its own prompts and scores them; then the GSPO loss is back-propagated into one
+flat gradient buffer, the buffer is combined across ranks by ``robust_all_reduce`` and the
+optimizer steps. Rank 0 alone writes the run directory.
+
+Exit codes: 0 success, 2 invalid configuration or command line (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+from fedgspo.aggregators import build_aggregator
+from fedgspo.checkpoint import save_checkpoint, write_json_atomic
+from fedgspo.config import Config, ConfigError, load_config
+from fedgspo.distributed import (
+    DistContext,
+    FlatGradients,
+    all_reduce_mean,
+    broadcast_object,
+    broadcast_parameters,
+    destroy_distributed,
+    gather_objects,
+    init_distributed,
+)
+from fedgspo.gspo import group_advantages, gspo_loss_and_stats
+from fedgspo.metrics import MetricsLogger
+from fedgspo.model import build_model, weights_sha256
+from fedgspo.rewards import WeightedReward
+from fedgspo.robust import robust_all_reduce
+from fedgspo.rollout import Rollout, completion_logps, generate
+from fedgspo.task import DigitTask
+
+
+@dataclass
+class RolloutBatch:
+    """One rank's scored rollout, reused for ``num_iterations`` optimizer steps."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # (B,)
+    rewards: torch.Tensor  # (B,)
+    reward_parts: dict[str, float]  # mean of each reward function's raw score
+    seconds: float
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fedgspo.train", description="Byzantine-robust distributed GSPO training.",
+        epilog="Overrides are dotted keys, e.g. train.max_steps=50 aggregation.rule=median.")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: embedded)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def resolve_run_dir(cfg: Config, ctx: DistContext) -> Path:
+    """Rank 0 picks the run directory (``runs/<name>`` by default) and shares it with all
+    ranks. A directory that already holds a run is a :class:`ConfigError` on every rank."""
+    error, run_dir = None, None
+    if ctx.is_main:
+        name = cfg.run.name or time.strftime("gspo-%Y%m%d-%H%M%S")
+        run_dir = cfg.run.dir or Path("runs") / name
+        if (run_dir / "metrics.jsonl").exists():
+            error = f"run.dir: {run_dir} already holds a run; pick another run.name or run.dir"
+    error, run_dir = broadcast_object((error, run_dir))
+    if error:
+        raise ConfigError(error)
+    return Path(run_dir)
+
+
+def tolerated_f(rule: str, f: int | str, world_size: int) -> int:
+    """``f`` itself, or for ``"auto"`` the largest f that ``rule`` tolerates among
+    ``world_size`` ranks (0 when none is tolerated: then the rule cannot protect this run)."""
+    if f != "auto":
+        return int(f)
+    for candidate in range((world_size - 1) // 2, 0, -1):
+        try:
+            build_aggregator(rule, candidate).check(world_size)
+            return candidate
+        except ValueError:
+            continue
+    return 0
+
+
+class Trainer:
+    """Owns the parts of a run: task, rewards, policy, optimizer, gradient buffer, logger."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, run_dir: Path) -> None:
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        gspo = cfg.gspo
+        self.task = DigitTask(cfg.task, seed=cfg.train.seed)
+        tok = self.task.tokenizer
+        self.reward_fn = WeightedReward.from_names([(r.name, r.weight) for r in cfg.task.reward_funcs])
+        self.model = build_model(cfg.model, tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                                 eos_id=tok.eos_id, seed=cfg.train.seed).to(ctx.device)
+        broadcast_parameters(self.model)
+        self.model.train()
+        self.grads = FlatGradients(list(self.model.parameters()))
+        self.optimizer = torch.optim.AdamW(
+            self.grads.params, lr=gspo.learning_rate, betas=(gspo.adam_beta1, gspo.adam_beta2),
+            weight_decay=gspo.weight_decay)
+        warmup = gspo.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        # Sampling differs per rank; everything that must agree across ranks uses cfg seed.
+        self.sampler = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 9973 + ctx.rank)
+        self.logger = MetricsLogger(run_dir, cfg.run.tensorboard) if ctx.is_main else None
+        self.f = tolerated_f(cfg.aggregation.rule, cfg.aggregation.f, ctx.world_size)
+        if ctx.is_main and ctx.world_size > 1 and self.f == 0 and cfg.aggregation.rule != "mean":
+            tqdm.write(f"note: {ctx.world_size} ranks leave {cfg.aggregation.rule} no Byzantine tolerance "
+                       f"(f=0); use 3+ ranks for f=1", file=sys.stderr)
+
+    # -- the step, in named parts --------------------------------------------------------------
+
+    def collect(self, rollout_index: int) -> RolloutBatch:
+        """Sample this rank's prompts, generate a group per prompt, score, normalise."""
+        t0 = time.perf_counter()
+        gspo, tok = self.cfg.gspo, self.task.tokenizer
+        prompts = self.task.sample(self.ctx.rank, rollout_index)
+        rollout = generate(
+            self.model, prompts.input_ids.to(self.ctx.device), prompts.attention_mask.to(self.ctx.device),
+            num_generations=gspo.num_generations, max_new_tokens=gspo.max_completion_length,
+            temperature=gspo.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=self.sampler)
+        completions = [tok.decode(row) for row in rollout.completion_ids.tolist()]
+        repeat = gspo.num_generations
+        rewards, parts = self.reward_fn(
+            [p for p in prompts.prompts for _ in range(repeat)], completions,
+            answer=[a for a in prompts.answers for _ in range(repeat)])
+        rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.ctx.device)
+        advantages = group_advantages(rewards_t, repeat, scale=gspo.scale_rewards)
+        return RolloutBatch(rollout, advantages, rewards_t,
+                            {k: sum(v) / len(v) for k, v in parts.items()}, time.perf_counter() - t0)
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """Loss, backward into the flat buffer, robust all-reduce, clip, optimizer step."""
+        gspo = self.cfg.gspo
+        t0 = time.perf_counter()
+        self.grads.zero()
+        logps = completion_logps(self.model, batch.rollout, gspo.temperature)
+        loss, stats = gspo_loss_and_stats(
+            logps, batch.rollout.old_logps, batch.advantages, batch.rollout.completion_mask,
+            epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, level=gspo.importance_sampling_level)
+        loss.backward()
+        t1 = time.perf_counter()
+        agg = self.cfg.aggregation
+        report = robust_all_reduce(self.grads.buffer, rule=agg.rule, f=self.f, z_threshold=agg.z_threshold)
+        t2 = time.perf_counter()
+        grad_norm = self.grads.buffer.norm()
+        if gspo.max_grad_norm is not None:
+            self.grads.buffer.mul_(torch.clamp(gspo.max_grad_norm / (grad_norm + 1e-6), max=1.0))
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            "loss": loss.detach(), "clip_frac": stats.clip_frac, "ratio_mean": stats.ratio_mean,
+            "kl": stats.kl, "grad_norm": grad_norm, "flagged": report.flagged,
+            "time_backward_s": t1 - t0, "time_aggregate_s": t2 - t1, "time_optimizer_s": time.perf_counter() - t2,
+        }
+
+    def summarise(self, step: int, batch: RolloutBatch, out: dict, step_time: float) -> dict:
+        """Average this step's figures over ranks (one small all-reduce) into a log record."""
+        rewards = batch.rewards
+        lengths = batch.rollout.completion_mask.sum(-1)
+        local = torch.stack([
+            rewards.mean(), (rewards ** 2).mean(), lengths.mean(),
+            out["loss"], out["clip_frac"], out["ratio_mean"], out["kl"],
+            *[torch.tensor(v) for v in batch.reward_parts.values()],
+        ]).float()
+        glob = all_reduce_mean(local).tolist()
+        reward_mean, reward_sq, length, loss, clip, ratio, kl, *parts = glob
+        record = {
+            "step": step, "reward_mean": reward_mean,
+            "reward_std": max(reward_sq - reward_mean ** 2, 0.0) ** 0.5,
+            "loss": loss, "clip_frac": clip, "ratio_mean": ratio, "kl": kl, "completion_len": length,
+            "grad_norm": float(out["grad_norm"]), "lr": self.scheduler.get_last_lr()[0],
+            "flagged": out["flagged"], "step_time_s": step_time,
+            "time_rollout_s": batch.seconds if step % self.cfg.gspo.num_iterations == 0 else 0.0,
+            "time_backward_s": out["time_backward_s"], "time_aggregate_s": out["time_aggregate_s"],
+            "time_optimizer_s": out["time_optimizer_s"],
+        }
+        record.update({f"reward/{k}": v for k, v in zip(batch.reward_parts, parts)})
+        return record
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        cfg, mu = self.cfg, self.cfg.gspo.num_iterations
+        if self.ctx.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        bar = tqdm(total=cfg.train.max_steps, desc="gspo", dynamic_ncols=True,
+                   disable=not (self.ctx.is_main and cfg.run.progress_bar))
+        history: list[dict] = []
+        batch: RolloutBatch | None = None
+        for step in range(cfg.train.max_steps):
+            t0 = time.perf_counter()
+            if step % mu == 0:
+                batch = self.collect(step // mu)
+            out = self.train_step(batch)
+            record = self.summarise(step, batch, out, time.perf_counter() - t0 + (batch.seconds if step % mu == 0 else 0.0))
+            history.append(record)
+            if self.logger:
+                self.logger.log(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+            if self.ctx.is_main and ((step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps):
+                tqdm.write(
+                    f"step {step + 1:>5}/{cfg.train.max_steps}  reward {record['reward_mean']:.3f} "
+                    f"± {record['reward_std']:.3f}  loss {record['loss']:+.4f}  clip {record['clip_frac']:.2f}  "
+                    f"len {record['completion_len']:.1f}  {record['step_time_s'] * 1000:.0f} ms/step"
+                    + (f"  flagged {record['flagged']}" if record["flagged"] else ""), file=sys.stderr)
+        bar.close()
+        self.finish(history)
+        return history
+
+    def finish(self, history: list[dict]) -> None:
+        """Every rank reports its weights hash (they must agree); rank 0 writes the final
+        checkpoint and ``summary.json``."""
+        weights = weights_sha256(self.model)
+        per_rank = gather_objects(weights)
+        if not self.ctx.is_main:
+            return
+        if len(set(per_rank)) > 1:
+            tqdm.write(f"warning: ranks ended with different weights: {per_rank}", file=sys.stderr)
+        final = save_checkpoint(self.run_dir / "checkpoints" / "final", self.model,
+                                step=len(history), metadata={"weights_sha256": weights})
+        window = min(10, len(history))
+        first = sum(r["reward_mean"] for r in history[:window]) / window
+        last = sum(r["reward_mean"] for r in history[-window:]) / window
+        write_json_atomic(self.run_dir / "summary.json", {
+            "steps": len(history), "world_size": self.ctx.world_size,
+            "reward_first10": first, "reward_last10": last, "weights_sha256": weights,
+            "weights_sha256_per_rank": per_rank,
+            "final_checkpoint": str(final), "config_sha256": self.cfg.digest(),
+            "seconds": sum(r["step_time_s"] for r in history),
+        })
+        tqdm.write(f"done: reward {first:.3f} (first {window} steps) -> {last:.3f} (last {window}); "
+                   f"run directory {self.run_dir}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.close()
+
+
+def _configure_threads(cfg: Config, ctx: DistContext) -> None:
+    # Oversubscribed CPU ranks thrash; give each rank its share of the cores.
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"fedgspo.train: error: {err}", file=sys.stderr)
+        return 2
+    hf_logging.disable_progress_bar()
+    ctx = init_distributed(cfg.train.device)
+    _configure_threads(cfg, ctx)
+    try:
+        run_dir = resolve_run_dir(cfg, ctx)
+    except ConfigError as err:
+        print(f"fedgspo.train: error: {err}", file=sys.stderr)
+        return 2
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, ctx, run_dir)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
