@@ -1,0 +1,70 @@
+"""End to end: the trainer in one process and under torchrun with 2 gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedgspo.metrics import read_metrics
+from fedgspo.train import main, tolerated_f
+
+FAST = ["train.max_steps=6", "run.progress_bar=false", "run.log_every=3", "task.prompts_per_rank=2",
+        "gspo.num_generations=4"]
+REQUIRED = {"step", "reward_mean", "reward_std", "loss", "clip_frac", "completion_len", "step_time_s"}
+
+
+def test_single_process_run_writes_run_directory(tmp_path):
+    run = tmp_path / "run"
+    assert main([f"run.dir={run}", *FAST]) == 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(6))
+    assert REQUIRED <= set(records[0])
+    assert (run / "config.yaml").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "final" / "model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6
+
+
+def test_existing_run_directory_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([f"run.dir={run}", *FAST]) == 0
+    assert main([f"run.dir={run}", *FAST]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["train.max_steps=-1", "aggregation.rule=nope"])
+def test_bad_override_exits_2_with_one_line(tmp_path, override):
+    proc = subprocess.run([sys.executable, "-m", "fedgspo.train", f"run.dir={tmp_path / 'r'}", override],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedgspo.train: error: ")
+    assert override.split("=")[0] in lines[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_tolerated_f():
+    assert tolerated_f("trimmed_mean", "auto", 2) == 0
+    assert tolerated_f("trimmed_mean", "auto", 4) == 1
+    assert tolerated_f("median", "auto", 5) == 2
+    assert tolerated_f("median", 1, 5) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
+def test_two_ranks_end_with_identical_weights(tmp_path, rule):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fedgspo.train", f"run.dir={run}", f"aggregation.rule={rule}", *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    hashes = summary["weights_sha256_per_rank"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1] == summary["weights_sha256"]
+    assert len(read_metrics(run)) == 6
