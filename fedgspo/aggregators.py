@@ -343,7 +343,7 @@ class GeometricMedian(Aggregator):
     name = "geometric_median"
     supports_weights = True
 
-    def __init__(self, f: int = 0, eps: float = 1e-6, max_iter: int = 10, tol: float = 1e-6) -> None:
+    def __init__(self, f: int = 0, eps: float = 1e-6, max_iter: int = 4, tol: float = 1e-6) -> None:
         super().__init__(f)
         self.eps = _check_positive("eps", eps)
         self.max_iter = _check_count("max_iter", max_iter, 1)

@@ -30,6 +30,7 @@ Single false flags cost nothing unless ``exclude_flagged`` is set; quarantine
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -78,18 +79,14 @@ def robust_z(values: list[float], floor: float = 0.0, rel_floor: float = 0.0) ->
     """Robust z-scores ``0.6745 (v - median) / MAD`` over the finite values; NaN elsewhere.
 
     The MAD is at least ``max(floor, rel_floor * |median|, 1e-12)``. The median of an even
-    count is the mean of the middle two.
+    count is the mean of the middle two. Plain Python: ``n`` is the world size (small).
     """
-    t = torch.tensor(values, dtype=torch.float64)
-    finite = torch.isfinite(t)
-    if not finite.any():
+    good = [v for v in values if math.isfinite(v)]
+    if not good:
         return [math.nan] * len(values)
-    good = t[finite]
-    med = good.quantile(0.5)
-    mad = (good - med).abs().quantile(0.5)
-    mad = torch.clamp(mad, min=max(floor, rel_floor * abs(med.item()), 1e-12))
-    z = MAD_TO_Z * (t - med) / mad
-    return torch.where(finite, z, torch.full_like(z, math.nan)).tolist()
+    med = statistics.median(good)
+    mad = max(statistics.median(abs(v - med) for v in good), floor, rel_floor * abs(med), 1e-12)
+    return [MAD_TO_Z * (v - med) / mad if math.isfinite(v) else math.nan for v in values]
 
 
 def _log(values: list[float]) -> list[float]:

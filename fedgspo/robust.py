@@ -40,19 +40,21 @@ Call protocol and failure behaviour:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from fedgspo.aggregators import Aggregator, ShardContext, build_aggregator
+from fedgspo.aggregators import Aggregator, build_aggregator
 from fedgspo.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
+from fedgspo.shard_exchange import AggregationPlan, all_gather_single, replicated, sharded
 
 MODES = ("sharded", "replicated", "audited")
-#: ``dist.all_gather_into_tensor`` under its torch >= 2.13 name ``all_gather_single`` when present.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
 # Metadata slots exchanged before any data moves.
 _NUMEL, _DTYPE, _F, _CONFIG, _ERROR, _SQ_NORM = range(6)
@@ -109,18 +111,6 @@ def _cached_aggregator(rule: str, f: int, pre: Sequence[str], options: dict[str,
 
 def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
-
-
-@dataclass
-class _Plan:
-    """The validated call: identical on every rank once :func:`_agree` has returned."""
-
-    agg: Aggregator
-    n: int
-    keep: list[int]
-    weights: torch.Tensor
-    nonfinite: list[int]
-    round: int
 
 
 def _local_plan(
@@ -192,28 +182,6 @@ def _agree(
     return meta
 
 
-def _all_reduce_fn(group: dist.ProcessGroup | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    def total(partial: torch.Tensor) -> torch.Tensor:
-        t = partial.to(device=device, dtype=torch.float64).contiguous()
-        dist.all_reduce(t, group=group)
-        return t
-
-    return total
-
-
-def _aggregate(plan: _Plan, stack: torch.Tensor, keep: list[int], ctx: ShardContext) -> torch.Tensor:
-    rows = stack if len(keep) == plan.n else stack.index_select(0, torch.tensor(keep, device=stack.device))
-    w = plan.weights[keep] if plan.agg.supports_weights else None
-    return plan.agg.aggregate(rows, ctx, w).contiguous()
-
-
-def _partial_stats(stack: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
-    """Per-source partial sums over the held columns: ``<x_i, a>`` (n), ``||x_i||^2`` (n), ``||a||^2``."""
-    dots = stack @ agg
-    sq = torch.linalg.vector_norm(stack, dim=1).double().square()
-    return torch.cat([dots.double(), sq, torch.dot(agg, agg).double().reshape(1)])
-
-
 def _tolerates(agg: Aggregator, rows: int) -> bool:
     try:
         agg.check(rows)
@@ -222,44 +190,24 @@ def _tolerates(agg: Aggregator, rows: int) -> bool:
     return True
 
 
-@dataclass
-class _Outcome:
-    """Aggregated shard(s) plus everything the report needs."""
-
-    shards: list[torch.Tensor]
-    report: RobustReport
-
-
-def _robust_shards(
-    plan: _Plan,
-    stacks: list[torch.Tensor],
-    total: Callable[[torch.Tensor], torch.Tensor],
-    z_threshold: float,
-    exclude_flagged: bool,
-    mode: str,
-) -> _Outcome:
-    """Aggregate ``stacks`` (the primary shard first, then audit copies), detect, decide consensus."""
-    ctx = ShardContext(total, plan.round)
-    shards = [_aggregate(plan, s, plan.keep, ctx) for s in stacks]
-    sums = total(_partial_stats(stacks[0], shards[0])).cpu()
+def _judge(
+    plan: AggregationPlan, sums: torch.Tensor, keep: list[int], z_threshold: float, exclude_flagged: bool, mode: str
+) -> tuple[RobustReport, list[int]]:
+    """Flags, exclusions and the consensus decision from the global per-rank sums."""
     n = plan.n
     stats = statistics_from_sums(sums[:n], sums[n : 2 * n], float(sums[2 * n]))
     det = detect(stats, z_threshold)
     flagged = sorted(set(det.flagged) | set(plan.nonfinite))
-    keep = plan.keep
     reason = ""
     if exclude_flagged and set(flagged) & set(keep):
         keep = [r for r in keep if r not in flagged]
-        if _tolerates(plan.agg, len(keep)):
-            shards = [_aggregate(plan, s, keep, ctx) for s in stacks]
-        else:
+        if not _tolerates(plan.agg, len(keep)):
             reason = f"after excluding flagged ranks {flagged}, {len(keep)} ranks are too few for {plan.agg.spec()}"
     suspicious = [r for r in flagged if r in keep]
     if not reason and len(suspicious) > plan.agg.f:
         reason = f"{len(suspicious)} aggregated ranks flagged ({suspicious}) but {plan.agg.spec()} tolerates f={plan.agg.f}"
     if not reason and not torch.isfinite(sums[2 * n]):
         reason = "the aggregate is not finite"
-    weights = [float(plan.weights[r]) if r in keep else 0.0 for r in range(n)]
     report = RobustReport(
         distances=stats.distances,
         z_scores=det.z_distance,
@@ -270,18 +218,18 @@ def _robust_shards(
         z_norm=det.z_norm,
         nonfinite=plan.nonfinite,
         excluded=[r for r in range(n) if r not in keep],
-        weights=weights,
+        weights=[float(plan.weights[r]) if r in keep else 0.0 for r in range(n)],
         consensus_failed=bool(reason),
         reason=reason,
         rule=plan.agg.spec(),
         mode=mode,
         world_size=n,
     )
-    return _Outcome(shards, report)
+    return report, keep
 
 
-def _failed_report(plan: _Plan, mode: str, reason: str) -> RobustReport:
-    nan = [float("nan")] * plan.n
+def _failed_report(plan: AggregationPlan, mode: str, reason: str) -> RobustReport:
+    nan = [math.nan] * plan.n
     return RobustReport(
         distances=nan,
         z_scores=nan,
@@ -292,7 +240,7 @@ def _failed_report(plan: _Plan, mode: str, reason: str) -> RobustReport:
         z_norm=nan,
         nonfinite=plan.nonfinite,
         excluded=[r for r in range(plan.n) if r not in plan.keep],
-        weights=[float(plan.weights[r]) if r in plan.keep else 0.0 for r in range(plan.n)],
+        weights=[0.0] * plan.n,
         consensus_failed=True,
         reason=reason,
         rule=plan.agg.spec(),
@@ -301,57 +249,11 @@ def _failed_report(plan: _Plan, mode: str, reason: str) -> RobustReport:
     )
 
 
-def _replicated(plan: _Plan, flat: torch.Tensor, group: dist.ProcessGroup | None, **kw: object) -> tuple[
-    RobustReport, torch.Tensor | None
-]:
-    gathered = torch.empty(plan.n * flat.numel(), dtype=flat.dtype, device=flat.device)
-    all_gather_single(gathered, flat.contiguous(), group=group)
-    outcome = _robust_shards(plan, [gathered.view(plan.n, -1)], lambda t: t, mode="replicated", **kw)  # type: ignore[arg-type]
-    return outcome.report, outcome.shards[0]
-
-
-def _sharded(plan: _Plan, flat: torch.Tensor, group: dist.ProcessGroup | None, audited: bool, **kw: object) -> tuple[
-    RobustReport, torch.Tensor | None
-]:
-    n, d = plan.n, flat.numel()
-    s = -(-d // n)
-    padded = flat.contiguous() if d == n * s else torch.nn.functional.pad(flat, (0, n * s - d))
-    per_dest = padded.view(n, s)
-    if audited:  # rank r receives [shard r, shard r - 1] from every rank
-        per_dest = torch.stack([per_dest, per_dest.roll(1, 0)], dim=1)
-    recv = torch.empty_like(per_dest)
-    dist.all_to_all_single(recv.view(-1), per_dest.reshape(-1), group=group)
-    stacks = [recv[:, 0], recv[:, 1]] if audited else [recv]
-    total = _all_reduce_fn(group, flat.device)
-    outcome = _robust_shards(plan, stacks, total, mode="audited" if audited else "sharded", **kw)  # type: ignore[arg-type]
-    report = outcome.report
-    if report.consensus_failed:
-        return report, None
-    out = torch.empty(n * s, dtype=flat.dtype, device=flat.device)
-    all_gather_single(out, outcome.shards[0], group=group)
-    if audited:
-        report = _audit(report, out.view(n, s), outcome.shards[1], total, group)
-    return report, out[:d]
-
-
-def _audit(
-    report: RobustReport,
-    result: torch.Tensor,
-    check: torch.Tensor,
-    total: Callable[[torch.Tensor], torch.Tensor],
-    group: dist.ProcessGroup | None,
-) -> RobustReport:
-    """Compare this rank's recomputation of shard ``r - 1`` with what its owner sent; agree on mismatches."""
-    n, rank = result.shape[0], dist.get_rank(group)
-    owner = (rank - 1) % n
-    mismatch = torch.zeros(n, dtype=torch.float64)
-    mismatch[owner] = float(not torch.allclose(result[owner], check, rtol=1e-5, atol=1e-7, equal_nan=True))
-    bad = [r for r, v in enumerate(total(mismatch).cpu().tolist()) if v > 0]
-    if not bad:
-        return report
-    pairs = ", ".join(f"shard of rank {r} vs auditor rank {(r + 1) % n}" for r in bad)
-    return RobustReport(
-        **{**report.__dict__, "consensus_failed": True, "reason": f"audit mismatch: {pairs}", "audit_mismatches": bad}
+def _audit_failure(report: RobustReport, mismatches: list[int]) -> RobustReport:
+    n = report.world_size
+    pairs = ", ".join(f"shard of rank {r} vs auditor rank {(r + 1) % n}" for r in mismatches)
+    return dataclasses.replace(
+        report, consensus_failed=True, reason=f"audit mismatch: {pairs}", audit_mismatches=mismatches
     )
 
 
@@ -402,19 +304,21 @@ def robust_all_reduce(
         assert agg is not None
         nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, _SQ_NORM])]
         keep = [r for r in range(n) if r not in set(exclude) and w[r] > 0 and r not in nonfinite]
-        plan = _Plan(agg, n, keep, w, nonfinite, agg._calls)
+        plan = AggregationPlan(agg, n, keep, w, nonfinite, agg._calls)
         agg._calls += 1
         flat = tensor.reshape(-1)
+        judge = functools.partial(_judge, plan, z_threshold=z_threshold, exclude_flagged=exclude_flagged, mode=mode)
         if not _tolerates(agg, len(keep)):
             report, result = _failed_report(plan, mode, f"{len(keep)} usable ranks are too few for {agg.spec()}"), None
-        elif mode == "replicated":
-            report, result = _replicated(plan, flat, group, z_threshold=z_threshold, exclude_flagged=exclude_flagged)
         else:
-            report, result = _sharded(
-                plan, flat, group, mode == "audited", z_threshold=z_threshold, exclude_flagged=exclude_flagged
-            )
-        if report.consensus_failed or result is None:
+            if mode == "replicated":
+                report, result, mismatches = replicated(plan, flat, group, judge)
+            else:
+                report, result, mismatches = sharded(plan, flat, group, judge, audited=mode == "audited")
+            if mismatches:
+                report = _audit_failure(report, mismatches)
+        if result is None:
             tensor.zero_()
-        else:
+        elif result.data_ptr() != tensor.data_ptr():
             tensor.copy_(result.view_as(tensor))
     return report
