@@ -24,8 +24,6 @@ rank and sets :attr:`RobustHookState.consensus_failed`; argument errors raise
 ``ValueError`` on every rank during backward.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Any
 

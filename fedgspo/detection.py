@@ -14,7 +14,7 @@ flagged when
 * any of its statistics is NaN/Inf (always flagged).
 
 Distances and norms are scored on a log scale (a rank with twice the typical norm is as
-far out as one with half of it; a zero update has log-norm -inf and is flagged). MAD floors
+far out as one with half of it; a zeroed update among non-zero ones is far out). MAD floors
 keep z-scores meaningful when honest ranks agree almost exactly (a MAD of ~0 would turn
 rounding noise into huge z-scores): ``log_floor`` for log distances/norms, ``cosine_floor``
 for cosines.
@@ -90,8 +90,15 @@ def robust_z(values: list[float], floor: float = 0.0, rel_floor: float = 0.0) ->
 
 
 def _log(values: list[float]) -> list[float]:
-    """Natural log with 0 -> -inf (a zeroed update is nonfinite on the log scale: flagged)."""
-    return [math.log(v) if v > 0 else (-math.inf if v == 0 else math.nan) for v in values]
+    """Natural log, with values below 1e-3 x the median positive value clamped up to it.
+
+    So an exact match (Krum's chosen rank has distance 0) is merely very low, a zeroed
+    update among non-zero ones gets a very negative z-score, and all-zero updates (e.g.
+    every group with equal rewards) all score 0. NaN/Inf stay nonfinite.
+    """
+    positive = [v for v in values if math.isfinite(v) and v > 0]
+    floor = 1e-3 * statistics.median(positive) if positive else 1e-30
+    return [math.log(max(v, floor)) if math.isfinite(v) else math.nan for v in values]
 
 
 def detect(

@@ -1,0 +1,210 @@
+"""robust_all_reduce on 4 gloo ranks: every mode equals the single-process rule; errors never hang."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from dist_helpers import run_ranks, values
+
+from fedgspo import robust_all_reduce
+from fedgspo.aggregators import ShardContext, build_aggregator
+
+WORLD = 4
+MODES = ("sharded", "replicated", "audited")
+# (rule, f, kwargs); f within the bounds for 4 ranks.
+RULES = [
+    ("mean", 1, {}),
+    ("mean", 1, {"weights": [1.0, 2.0, 0.5, 1.0]}),
+    ("median", 1, {}),
+    ("trimmed_mean", 1, {}),
+    ("krum", 0, {}),
+    ("multi_krum", 0, {"m": 2}),
+    ("geometric_median", 1, {"tol": 0.0, "max_iter": 6}),
+    ("centered_clipping", 1, {"tau": 1.0, "iterations": 3}),
+    ("trimmed_mean", 1, {"pre": ("nnm",)}),
+    ("median", 0, {"pre": ("bucketing",), "bucket_size": 2}),
+]
+SIZES = (3, 1000, 1001)
+
+
+def updates(d: int, spread: float = 3.0) -> torch.Tensor:
+    """Shared signal plus per-rank noise; rank 1's update is ``spread`` times larger."""
+    g = torch.Generator().manual_seed(d)
+    x = 0.5 * torch.randn(d, generator=g) + torch.randn(WORLD, d, generator=g)
+    x[1] *= spread
+    return x
+
+
+def _equivalence(rank: int, world: int) -> dict:
+    out = {}
+    for d in SIZES:
+        x = updates(d)
+        for mode in MODES:
+            for i, (rule, f, kw) in enumerate(RULES):
+                t = x[rank].clone()
+                report = robust_all_reduce(t, rule, f, mode=mode, z_threshold=1e9, **kw)
+                out[(d, mode, i)] = (t, report)
+    return out
+
+
+def _reference(d: int, call: int, rule: str, f: int, kw: dict) -> torch.Tensor:
+    options = {k: v for k, v in kw.items() if k != "weights"}
+    agg = build_aggregator(rule, f, **options)
+    weights = torch.tensor(kw["weights"], dtype=torch.float64) if "weights" in kw else None
+    return agg.aggregate(updates(d).double(), ShardContext(round=call), weights).float()
+
+
+@pytest.mark.slow
+def test_every_mode_equals_the_single_process_rule():
+    results = values(run_ranks(_equivalence, WORLD))
+    for key, (tensor, report) in results[0].items():
+        d, mode, i = key
+        rule, f, kw = RULES[i]
+        call = SIZES.index(d) * len(MODES) + MODES.index(mode)  # the cached rule's round
+        for other in results[1:]:  # bit-identical on every rank, same report
+            assert torch.equal(other[key][0], tensor), key
+            assert repr(other[key][1]) == repr(report), key
+        assert not report.consensus_failed, (key, report.reason)
+        torch.testing.assert_close(tensor, _reference(d, call, rule, f, kw), rtol=1e-5, atol=1e-5, msg=str(key))
+
+
+def _bad_inputs(rank: int, world: int) -> list:
+    cases = {
+        "numel": lambda: robust_all_reduce(torch.ones(10 + (rank == 3)), "median", 1),
+        "dtype": lambda: robust_all_reduce(torch.ones(10, dtype=torch.float64 if rank == 2 else torch.float32)),
+        "f_bound": lambda: robust_all_reduce(torch.ones(10), "median", 2),
+        "krum_bound": lambda: robust_all_reduce(torch.ones(10), "krum", 1),
+        "f_differs": lambda: robust_all_reduce(torch.ones(10), "median", 1 if rank else 0),
+        "mode_differs": lambda: robust_all_reduce(torch.ones(10), mode="replicated" if rank == 1 else "sharded"),
+        "unknown_rule_one_rank": lambda: robust_all_reduce(torch.ones(10), "bogus" if rank == 1 else "median", 1),
+        "integer_dtype": lambda: robust_all_reduce(torch.ones(10, dtype=torch.int64)),
+        "bad_weights": lambda: robust_all_reduce(torch.ones(10), weights=[1.0, -1.0, 1.0, 1.0]),
+    }
+    out = []
+    for name, call in cases.items():
+        try:
+            call()
+            out.append((name, None))
+        except ValueError as err:
+            out.append((name, str(err)))
+    t = torch.full((10,), float(rank))
+    robust_all_reduce(t, "median", 1)  # the group is still usable afterwards
+    out.append(("after", t.tolist()))
+    return out
+
+
+@pytest.mark.slow
+def test_bad_input_raises_on_every_rank_without_hanging():
+    results = values(run_ranks(_bad_inputs, WORLD, timeout=60))
+    for per_rank in zip(*results):
+        name = per_rank[0][0]
+        if name == "after":
+            assert all(value == [1.5] * 10 for _, value in per_rank)
+            continue
+        messages = [message for _, message in per_rank]
+        assert all(m is not None for m in messages), (name, messages)
+    by_name = dict(results[0])
+    assert "disagree on numel" in by_name["numel"]
+    assert "disagree on dtype" in by_name["dtype"]
+    assert "2f < n" in by_name["f_bound"] and "n > 2f + 2" in by_name["krum_bound"]
+    assert "disagree on f" in by_name["f_differs"]
+    assert "rank(s) [1]" in by_name["unknown_rule_one_rank"]
+
+
+def _detection(rank: int, world: int) -> dict:
+    import fedgspo.shard_exchange as exchange
+
+    x = updates(500, spread=1.0)
+    out = {}
+
+    def run(name: str, corrupt, **kw) -> None:
+        t = x[rank].clone()
+        if corrupt is not None and rank in corrupt[0]:
+            corrupt[1](t)
+        report = robust_all_reduce(t, "trimmed_mean", 1, **kw)
+        out[name] = (t, report)
+
+    run("nan", ([2], lambda t: t.fill_(math.nan)))
+    run("sign_flip", ([3], lambda t: t.mul_(-1.0)))
+    run("scaled_excluded", ([0], lambda t: t.mul_(50.0)), exclude_flagged=True)
+    run("two_nan", ([0, 1], lambda t: t.fill_(math.inf)))
+    run("exclude", None, exclude=[3])
+    run("replicated_nan", ([2], lambda t: t.fill_(math.nan)), mode="replicated")
+    original = exchange.aggregate_rows
+    calls = [0]
+
+    def lying(*args, **kwargs):  # rank 1 corrupts its primary shard, not its audit copy
+        result = original(*args, **kwargs)
+        calls[0] += 1
+        return result + 1.0 if rank == 1 and calls[0] % 2 == 1 else result
+
+    exchange.aggregate_rows = lying
+    run("audited_liar", None, mode="audited", z_threshold=1e9)
+    exchange.aggregate_rows = original
+    return out
+
+
+@pytest.mark.slow
+def test_detection_exclusion_and_consensus_failure():
+    results = values(run_ranks(_detection, WORLD))
+    x = updates(500, spread=1.0)
+    tm = build_aggregator("trimmed_mean", 1)
+    for name in results[0]:
+        assert all(repr(r[name][1]) == repr(results[0][name][1]) for r in results), name
+        assert all(torch.equal(r[name][0], results[0][name][0]) for r in results), name
+    t, rep = results[0]["nan"]
+    assert rep.nonfinite == [2] and 2 in rep.flagged and 2 in rep.excluded and not rep.consensus_failed
+    torch.testing.assert_close(t, tm(x[[0, 1, 3]]))
+    assert results[0]["replicated_nan"][1].nonfinite == [2]
+    torch.testing.assert_close(results[0]["replicated_nan"][0], tm(x[[0, 1, 3]]))
+    t, rep = results[0]["sign_flip"]
+    assert rep.flagged == [3] and rep.cosines[3] == min(rep.cosines) and rep.z_cosine[3] < -3.5
+    t, rep = results[0]["scaled_excluded"]
+    assert rep.flagged == [0] and rep.excluded == [0] and rep.weights[0] == 0.0
+    torch.testing.assert_close(t, tm(x[[1, 2, 3]]))
+    t, rep = results[0]["two_nan"]
+    assert rep.consensus_failed and "too few" in rep.reason and torch.equal(t, torch.zeros_like(t))
+    t, rep = results[0]["exclude"]
+    assert rep.excluded == [3] and not rep.consensus_failed
+    torch.testing.assert_close(t, tm(x[[0, 1, 2]]))
+    t, rep = results[0]["audited_liar"]
+    assert rep.consensus_failed and rep.audit_mismatches == [1] and torch.equal(t, torch.zeros_like(t))
+
+
+def _ddp(rank: int, world: int) -> tuple:
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fedgspo.ddp_comm_hook import RobustHookState, robust_hook
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    local = copy.deepcopy(model)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.0005)
+    state = RobustHookState(rule="median", f=1, z_threshold=1e9)
+    ddp.register_comm_hook(state, robust_hook)
+    inputs = torch.randn(5, 8, generator=torch.Generator().manual_seed(rank))
+    ddp(inputs).square().sum().backward()
+    local(inputs).square().sum().backward()
+    flat = lambda m: torch.cat([p.grad.reshape(-1) for p in m.parameters()])  # noqa: E731
+    return flat(model), flat(local), len(state.reports), state.consensus_failed
+
+
+@pytest.mark.slow
+def test_ddp_comm_hook_applies_the_rule_per_bucket():
+    results = values(run_ranks(_ddp, WORLD))
+    local = torch.stack([r[1] for r in results])
+    expected = build_aggregator("median", 1)(local)
+    for robust_grad, _, buckets, failed in results:
+        torch.testing.assert_close(robust_grad, expected)
+        assert buckets >= 1 and not failed
+
+
+def test_single_process_is_identity():
+    t = torch.arange(5.0)
+    report = robust_all_reduce(t, "median", 3)
+    assert torch.equal(t, torch.arange(5.0))
+    assert report.flagged == [] and not report.consensus_failed and report.world_size == 1
