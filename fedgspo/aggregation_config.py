@@ -23,7 +23,9 @@ class AggregationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     rule: RuleName = Field("trimmed_mean", description="Aggregation rule (fedgspo.aggregators.RULES).")
-    f: int = Field(1, ge=0, description="Number of Byzantine ranks to tolerate.")
+    f: int | Literal["auto"] = Field(
+        "auto", description="Byzantine ranks to tolerate; 'auto': the most the rule allows for the world size."
+    )
     z_threshold: float = Field(DEFAULT_THRESHOLD, gt=0, description="Robust z-score above which a rank is flagged.")
     mode: Literal["sharded", "replicated", "audited"] = Field(
         "sharded", description="sharded: all-reduce bytes; replicated: trusts no rank; audited: double-checked shards."
@@ -44,7 +46,7 @@ class AggregationConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rule_builds(self) -> "AggregationConfig":
-        build_aggregator(self.rule, self.f, pre=self.pre, bucket_size=self.bucket_size, **self.options)
+        build_aggregator(self.rule, 0 if self.f == "auto" else self.f, pre=self.pre, bucket_size=self.bucket_size, **self.options)
         return self
 
     def all_reduce_kwargs(self) -> dict[str, Any]:

@@ -19,6 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedgspo.aggregation_config import AggregationConfig
+from fedgspo.attacks import AttackConfig
+from fedgspo.bookkeeping import BookkeepingConfig
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line naming the field."""
 
@@ -113,17 +117,9 @@ class GSPOConfig(_Section):
     adam_beta2: float = Field(0.99, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the aggregated gradient.")
     warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR schedule by name (hot-swappable).")
     scale_rewards: bool = Field(True, description="Divide group advantages by the group std.")
-
-
-class AggregationConfig(_Section):
-    """How the ranks' gradients are combined (replaces ``dist.all_reduce``)."""
-
-    rule: Literal["mean", "median", "trimmed_mean"] = "trimmed_mean"
-    f: int | Literal["auto"] = Field(
-        "auto", description="Byzantine ranks to tolerate; 'auto': the most the rule allows for the world size."
-    )
-    z_threshold: float = Field(3.0, gt=0, description="Robust z-score above which a rank is flagged.")
 
 
 class TrainConfig(_Section):
@@ -146,6 +142,8 @@ class Config(_Section):
     gspo: GSPOConfig = GSPOConfig()
     aggregation: AggregationConfig = AggregationConfig()
     train: TrainConfig = TrainConfig()
+    bookkeeping: BookkeepingConfig = BookkeepingConfig()
+    attack: AttackConfig | None = Field(None, description="Simulated Byzantine ranks (testing only).")
 
     @model_validator(mode="after")
     def _fits_context(self) -> "Config":

@@ -1,18 +1,24 @@
 """Reward functions with TRL's signature ``fn(prompts, completions, **kwargs) -> list[float]``.
 
 Extra columns of the task (here ``answer``) arrive as keyword arguments, as TRL passes dataset
-columns. :data:`REWARD_FUNCS` maps names to functions; :class:`WeightedReward` combines several
-into the weighted sum that drives training. A user's own function with the same signature can
-be added with :func:`register_reward`.
+columns. Reward functions live in :class:`~fedgspo.callables.CallableRegistry` under kind
+``"reward"`` (so a running job can hot-swap them by name); :class:`WeightedReward` combines
+several into the weighted sum that drives training. A user's own function with the same
+signature is added with :func:`register_reward` or ``@CallableRegistry.register(name,
+kind="reward")``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from fedgspo.callables import CallableRegistry
+
 RewardFunc = Callable[..., list[float]]
+KIND = "reward"
 
 
+@CallableRegistry.register("digit_accuracy", kind=KIND, replace=True)
 def digit_accuracy(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[str],
                    **kwargs: object) -> list[float]:
     """Partial credit: characters in the right position / max(len(answer), len(completion))."""
@@ -23,12 +29,14 @@ def digit_accuracy(prompts: Sequence[str], completions: Sequence[str], answer: S
     return scores
 
 
+@CallableRegistry.register("exact_match", kind=KIND, replace=True)
 def exact_match(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[str],
                 **kwargs: object) -> list[float]:
     """1.0 when the completion equals the answer, else 0.0."""
     return [float(c == a) for c, a in zip(completions, answer, strict=True)]
 
 
+@CallableRegistry.register("length_match", kind=KIND, replace=True)
 def length_match(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[str],
                  **kwargs: object) -> list[float]:
     """Format credit: ``1 - |len(completion) - len(answer)| / len(answer)``, floored at 0."""
@@ -36,26 +44,15 @@ def length_match(prompts: Sequence[str], completions: Sequence[str], answer: Seq
             for c, a in zip(completions, answer, strict=True)]
 
 
-REWARD_FUNCS: dict[str, RewardFunc] = {
-    "digit_accuracy": digit_accuracy,
-    "exact_match": exact_match,
-    "length_match": length_match,
-}
-
-
 def register_reward(name: str, fn: RewardFunc) -> None:
-    """Make ``fn`` selectable as ``task.reward_funcs[].name``; a taken name is a ``ValueError``."""
-    if name in REWARD_FUNCS:
-        raise ValueError(f"reward function {name!r} is already registered")
-    REWARD_FUNCS[name] = fn
+    """Make ``fn`` selectable as ``task.reward_funcs[].name`` and hot-swappable; a taken name
+    is a ``ValueError``."""
+    CallableRegistry.register(name, kind=KIND)(fn)
 
 
 def get_reward(name: str) -> RewardFunc:
     """The reward function called ``name``; ``KeyError`` listing the known names otherwise."""
-    try:
-        return REWARD_FUNCS[name]
-    except KeyError:
-        raise KeyError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARD_FUNCS))}") from None
+    return CallableRegistry.get(name, kind=KIND).fn
 
 
 class WeightedReward:

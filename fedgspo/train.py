@@ -27,9 +27,11 @@ Exit codes: 0 success, 2 invalid configuration or command line (one line on stde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,8 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from fedgspo.aggregators import build_aggregator
+from fedgspo.attacks import apply_attack, poison_rewards
+from fedgspo.bookkeeping import RunBookkeeper
 from fedgspo.checkpoint import save_checkpoint, write_json_atomic
 from fedgspo.config import Config, ConfigError, load_config
 from fedgspo.distributed import (
@@ -51,12 +55,14 @@ from fedgspo.distributed import (
     gather_objects,
     init_distributed,
 )
-from fedgspo.gspo import group_advantages, gspo_loss_and_stats
+from fedgspo.gspo import GSPOStats, group_advantages, gspo_loss_and_stats
 from fedgspo.metrics import MetricsLogger
 from fedgspo.model import build_model, weights_sha256
 from fedgspo.rewards import WeightedReward
-from fedgspo.robust import robust_all_reduce
+from fedgspo.reputation import ReputationTracker
+from fedgspo.robust import RobustReport, robust_all_reduce
 from fedgspo.rollout import Rollout, completion_logps, generate
+from fedgspo.swappable import build_swapper, current_reward
 from fedgspo.task import DigitTask
 
 
@@ -110,14 +116,15 @@ def tolerated_f(rule: str, f: int | str, world_size: int) -> int:
 
 
 class Trainer:
-    """Owns the parts of a run: task, rewards, policy, optimizer, gradient buffer, logger."""
+    """Owns the parts of a run, declared up front: task and rewards, policy and optimizer,
+    gradient buffer and robust aggregation, reputation, and rank 0's logger and bookkeeping."""
 
     def __init__(self, cfg: Config, ctx: DistContext, run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
-        gspo = cfg.gspo
+        gspo, agg = cfg.gspo, cfg.aggregation
+        # Task, policy, optimizer.
         self.task = DigitTask(cfg.task, seed=cfg.train.seed)
         tok = self.task.tokenizer
-        self.reward_fn = WeightedReward.from_names([(r.name, r.weight) for r in cfg.task.reward_funcs])
         self.model = build_model(cfg.model, tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
                                  eos_id=tok.eos_id, seed=cfg.train.seed).to(ctx.device)
         broadcast_parameters(self.model)
@@ -126,15 +133,25 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.grads.params, lr=gspo.learning_rate, betas=(gspo.adam_beta1, gspo.adam_beta2),
             weight_decay=gspo.weight_decay)
-        warmup = gspo.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        # Sampling differs per rank; everything that must agree across ranks uses cfg seed.
-        self.sampler = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 9973 + ctx.rank)
+        # Rank 0's services; on other ranks these are no-ops.
+        self.book = RunBookkeeper(cfg.bookkeeping, run_dir, rank=ctx.rank)
         self.logger = MetricsLogger(run_dir, cfg.run.tensorboard) if ctx.is_main else None
-        self.f = tolerated_f(cfg.aggregation.rule, cfg.aggregation.f, ctx.world_size)
-        if ctx.is_main and ctx.world_size > 1 and self.f == 0 and cfg.aggregation.rule != "mean":
-            tqdm.write(f"note: {ctx.world_size} ranks leave {cfg.aggregation.rule} no Byzantine tolerance "
+        # Hot-swappable parts: reward, aggregation rule, LR schedule.
+        self.swapper = build_swapper(
+            reward=WeightedReward.from_names([(r.name, r.weight) for r in cfg.task.reward_funcs]),
+            aggregator=agg.rule, lr_schedule=gspo.lr_scheduler_type,
+            run_dir=run_dir if ctx.is_main else None, bus=self.book.bus, device=ctx.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: self.swapper["lr_schedule"](s, cfg.train.max_steps, gspo.warmup_steps))
+        # Robust aggregation and whom to trust.
+        self.rule = agg.rule
+        self.f = tolerated_f(self.rule, agg.f, ctx.world_size)
+        self.reputation = ReputationTracker(ctx.world_size, agg.reputation)
+        self.attack = cfg.attack
+        # Sampling differs per rank; everything that must agree across ranks uses the cfg seed.
+        self.sampler = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 9973 + ctx.rank)
+        if ctx.is_main and ctx.world_size > 1 and self.f == 0 and self.rule != "mean":
+            tqdm.write(f"note: {ctx.world_size} ranks leave {self.rule} no Byzantine tolerance "
                        f"(f=0); use 3+ ranks for f=1", file=sys.stderr)
 
     # -- the step, in named parts --------------------------------------------------------------
@@ -142,67 +159,88 @@ class Trainer:
     def collect(self, rollout_index: int) -> RolloutBatch:
         """Sample this rank's prompts, generate a group per prompt, score, normalise."""
         t0 = time.perf_counter()
-        gspo, tok = self.cfg.gspo, self.task.tokenizer
-        prompts = self.task.sample(self.ctx.rank, rollout_index)
+        gspo, tok, rank = self.cfg.gspo, self.task.tokenizer, self.ctx.rank
+        prompts = self.task.sample(rank, rollout_index)
         rollout = generate(
             self.model, prompts.input_ids.to(self.ctx.device), prompts.attention_mask.to(self.ctx.device),
             num_generations=gspo.num_generations, max_new_tokens=gspo.max_completion_length,
             temperature=gspo.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=self.sampler)
         completions = [tok.decode(row) for row in rollout.completion_ids.tolist()]
         repeat = gspo.num_generations
-        rewards, parts = self.reward_fn(
+        rewards, parts = current_reward(self.swapper)(
             [p for p in prompts.prompts for _ in range(repeat)], completions,
             answer=[a for a in prompts.answers for _ in range(repeat)])
         rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.ctx.device)
-        advantages = group_advantages(rewards_t, repeat, scale=gspo.scale_rewards)
+        # A reward_flip attacker trains on poisoned rewards; the true ones are logged.
+        trained_on = poison_rewards(self.attack, rewards_t, rank, rollout_index)
+        advantages = group_advantages(trained_on, repeat, scale=gspo.scale_rewards)
         return RolloutBatch(rollout, advantages, rewards_t,
                             {k: sum(v) / len(v) for k, v in parts.items()}, time.perf_counter() - t0)
 
-    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """Loss, backward into the flat buffer, robust all-reduce, clip, optimizer step."""
+    def compute_gradients(self, batch: RolloutBatch) -> tuple[torch.Tensor, GSPOStats]:
+        """GSPO loss of the batch under the current policy, back-propagated into the buffer."""
         gspo = self.cfg.gspo
-        t0 = time.perf_counter()
         self.grads.zero()
         logps = completion_logps(self.model, batch.rollout, gspo.temperature)
         loss, stats = gspo_loss_and_stats(
             logps, batch.rollout.old_logps, batch.advantages, batch.rollout.completion_mask,
-            epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, level=gspo.importance_sampling_level)
+            epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, level=gspo.importance_sampling_level,
+            ref_logps=None, beta=0.0)
         loss.backward()
-        t1 = time.perf_counter()
-        agg = self.cfg.aggregation
-        report = robust_all_reduce(self.grads.buffer, rule=agg.rule, f=self.f, z_threshold=agg.z_threshold)
-        t2 = time.perf_counter()
-        grad_norm = self.grads.buffer.norm()
-        if gspo.max_grad_norm is not None:
-            self.grads.buffer.mul_(torch.clamp(gspo.max_grad_norm / (grad_norm + 1e-6), max=1.0))
-        self.optimizer.step()
-        self.scheduler.step()
-        return {
-            "loss": loss.detach(), "clip_frac": stats.clip_frac, "ratio_mean": stats.ratio_mean,
-            "kl": stats.kl, "grad_norm": grad_norm, "flagged": report.flagged,
-            "time_backward_s": t1 - t0, "time_aggregate_s": t2 - t1, "time_optimizer_s": time.perf_counter() - t2,
-        }
+        return loss.detach(), stats
 
-    def summarise(self, step: int, batch: RolloutBatch, out: dict, step_time: float) -> dict:
+    def aggregate(self, step: int) -> RobustReport:
+        """Replace this rank's gradient by the robust aggregate of all ranks' (in place), then
+        fold the report into every rank's reputation (identically on all ranks)."""
+        apply_attack(self.attack, self.grads.buffer, self.ctx.rank, step)
+        agg = self.cfg.aggregation
+        report = robust_all_reduce(
+            self.grads.buffer, **{**agg.all_reduce_kwargs(), "rule": self.rule, "f": self.f},
+            weights=self.reputation.weights(agg.trust_weighted))
+        self.reputation.update(report)
+        return report
+
+    def optimizer_step(self, report: RobustReport) -> torch.Tensor:
+        """Clip and apply the aggregated gradient; on consensus failure apply nothing."""
+        max_norm = self.cfg.gspo.max_grad_norm
+        grad_norm = self.grads.buffer.norm()
+        if report.consensus_failed:
+            if self.cfg.aggregation.on_consensus_failure == "stop":
+                raise ConsensusFailure(report.reason)
+        else:
+            if max_norm is not None:
+                self.grads.buffer.mul_(torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0))
+            self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm
+
+    def apply_swaps(self, step: int) -> None:
+        """At a step boundary, on every rank: apply pending hot swaps from rank 0."""
+        swaps = self.swapper.sync(step)
+        if "aggregator" in swaps:
+            self.rule = swaps["aggregator"]
+            self.f = tolerated_f(self.rule, self.cfg.aggregation.f, self.ctx.world_size)
+        if swaps and self.ctx.is_main:
+            tqdm.write(f"step {step}: hot swap {swaps}", file=sys.stderr)
+
+    def summarise(self, step: int, batch: RolloutBatch, loss: torch.Tensor, stats: GSPOStats,
+                  grad_norm: torch.Tensor, report: RobustReport, times: dict[str, float]) -> dict:
         """Average this step's figures over ranks (one small all-reduce) into a log record."""
         rewards = batch.rewards
         lengths = batch.rollout.completion_mask.sum(-1)
         local = torch.stack([
-            rewards.mean(), (rewards ** 2).mean(), lengths.mean(),
-            out["loss"], out["clip_frac"], out["ratio_mean"], out["kl"],
-            *[torch.tensor(v) for v in batch.reward_parts.values()],
+            rewards.mean(), (rewards ** 2).mean(), lengths.mean(), loss, stats.clip_frac,
+            stats.ratio_mean, stats.kl, *[torch.tensor(v) for v in batch.reward_parts.values()],
         ]).float()
-        glob = all_reduce_mean(local).tolist()
-        reward_mean, reward_sq, length, loss, clip, ratio, kl, *parts = glob
+        reward_mean, reward_sq, length, loss_, clip, ratio, kl, *parts = all_reduce_mean(local).tolist()
         record = {
             "step": step, "reward_mean": reward_mean,
             "reward_std": max(reward_sq - reward_mean ** 2, 0.0) ** 0.5,
-            "loss": loss, "clip_frac": clip, "ratio_mean": ratio, "kl": kl, "completion_len": length,
-            "grad_norm": float(out["grad_norm"]), "lr": self.scheduler.get_last_lr()[0],
-            "flagged": out["flagged"], "step_time_s": step_time,
-            "time_rollout_s": batch.seconds if step % self.cfg.gspo.num_iterations == 0 else 0.0,
-            "time_backward_s": out["time_backward_s"], "time_aggregate_s": out["time_aggregate_s"],
-            "time_optimizer_s": out["time_optimizer_s"],
+            "loss": loss_, "clip_frac": clip, "ratio_mean": ratio, "kl": kl, "completion_len": length,
+            "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+            "flagged": report.flagged, "quarantined": self.reputation.quarantined(),
+            "consensus_failed": report.consensus_failed,
+            "step_time_s": sum(times.values()), **{f"time_{k}_s": v for k, v in times.items()},
         }
         record.update({f"reward/{k}": v for k, v in zip(batch.reward_parts, parts)})
         return record
@@ -210,37 +248,51 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
-        cfg, mu = self.cfg, self.cfg.gspo.num_iterations
-        if self.ctx.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        cfg, mu, ctx = self.cfg, self.cfg.gspo.num_iterations, self.ctx
+        self.start()
         bar = tqdm(total=cfg.train.max_steps, desc="gspo", dynamic_ncols=True,
-                   disable=not (self.ctx.is_main and cfg.run.progress_bar))
+                   disable=not (ctx.is_main and cfg.run.progress_bar))
         history: list[dict] = []
         batch: RolloutBatch | None = None
         for step in range(cfg.train.max_steps):
-            t0 = time.perf_counter()
-            if step % mu == 0:
-                batch = self.collect(step // mu)
-            out = self.train_step(batch)
-            record = self.summarise(step, batch, out, time.perf_counter() - t0 + (batch.seconds if step % mu == 0 else 0.0))
+            times: dict[str, float] = {}
+            with timed(times, "rollout"):
+                if step % mu == 0:
+                    batch = self.collect(step // mu)
+            with timed(times, "backward"):
+                loss, stats = self.compute_gradients(batch)
+            with timed(times, "aggregate"):
+                report = self.aggregate(step)
+            with timed(times, "optimizer"):
+                grad_norm = self.optimizer_step(report)
+            record = self.summarise(step, batch, loss, stats, grad_norm, report, times)
+            with timed(times, "bookkeeping"):
+                self.book.step(step, record, report.z_scores, self.reputation.ranks)
+                if self.logger:
+                    self.logger.log(record)
+                if (step + 1) % cfg.bookkeeping.hotswap_every == 0:
+                    self.apply_swaps(step + 1)
             history.append(record)
-            if self.logger:
-                self.logger.log(record)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
-            if self.ctx.is_main and ((step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps):
-                tqdm.write(
-                    f"step {step + 1:>5}/{cfg.train.max_steps}  reward {record['reward_mean']:.3f} "
-                    f"± {record['reward_std']:.3f}  loss {record['loss']:+.4f}  clip {record['clip_frac']:.2f}  "
-                    f"len {record['completion_len']:.1f}  {record['step_time_s'] * 1000:.0f} ms/step"
-                    + (f"  flagged {record['flagged']}" if record["flagged"] else ""), file=sys.stderr)
+            if ctx.is_main and ((step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps):
+                tqdm.write(console_line(record, cfg.train.max_steps), file=sys.stderr)
         bar.close()
         self.finish(history)
         return history
 
+    def start(self) -> None:
+        """Rank 0 writes the resolved config and registers the run's entities."""
+        if self.ctx.is_main:
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        self.book.start(name=self.run_dir.name, cfg=self.cfg, model_cfg=self.cfg.model,
+                        vocab_size=self.task.tokenizer.vocab_size, weights_hash=weights_sha256(self.model),
+                        world_size=self.ctx.world_size, f=self.f)
+
     def finish(self, history: list[dict]) -> None:
         """Every rank reports its weights hash (they must agree); rank 0 writes the final
-        checkpoint and ``summary.json``."""
+        checkpoint and ``summary.json`` and closes the run's entities."""
         weights = weights_sha256(self.model)
         per_rank = gather_objects(weights)
         if not self.ctx.is_main:
@@ -252,19 +304,47 @@ class Trainer:
         window = min(10, len(history))
         first = sum(r["reward_mean"] for r in history[:window]) / window
         last = sum(r["reward_mean"] for r in history[-window:]) / window
+        self.book.checkpoint(final, len(history), weights, {"reward_mean": last})
+        self.book.finish("completed", weights, step=len(history), reputations=self.reputation.ranks)
         write_json_atomic(self.run_dir / "summary.json", {
             "steps": len(history), "world_size": self.ctx.world_size,
             "reward_first10": first, "reward_last10": last, "weights_sha256": weights,
-            "weights_sha256_per_rank": per_rank,
-            "final_checkpoint": str(final), "config_sha256": self.cfg.digest(),
-            "seconds": sum(r["step_time_s"] for r in history),
+            "weights_sha256_per_rank": per_rank, "final_checkpoint": str(final),
+            "config_sha256": self.cfg.digest(), "seconds": sum(r["step_time_s"] for r in history),
+            "reputation": self.reputation.state_dict()["ranks"],
         })
         tqdm.write(f"done: reward {first:.3f} (first {window} steps) -> {last:.3f} (last {window}); "
                    f"run directory {self.run_dir}", file=sys.stderr)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        if failed:
+            self.book.finish("failed")
+        self.book.close()
         if self.logger:
             self.logger.close()
+
+
+class ConsensusFailure(RuntimeError):
+    """Too many ranks were flagged for the rule to produce a trustworthy update."""
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``times[name]``."""
+    t0 = time.perf_counter()
+    yield
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def console_line(record: dict, max_steps: int) -> str:
+    line = (f"step {record['step'] + 1:>5}/{max_steps}  reward {record['reward_mean']:.3f} "
+            f"± {record['reward_std']:.3f}  loss {record['loss']:+.4f}  clip {record['clip_frac']:.2f}  "
+            f"len {record['completion_len']:.1f}  {record['step_time_s'] * 1000:.0f} ms/step")
+    if record["flagged"]:
+        line += f"  flagged {record['flagged']}"
+    if record["quarantined"]:
+        line += f"  quarantined {record['quarantined']}"
+    return line
 
 
 def _configure_threads(cfg: Config, ctx: DistContext) -> None:
@@ -293,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, ctx, run_dir)
     try:
         trainer.train()
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
     destroy_distributed()
     return 0
 

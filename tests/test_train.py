@@ -68,3 +68,30 @@ def test_two_ranks_end_with_identical_weights(tmp_path, rule):
     hashes = summary["weights_sha256_per_rank"]
     assert len(hashes) == 2 and hashes[0] == hashes[1] == summary["weights_sha256"]
     assert len(read_metrics(run)) == 6
+
+
+def test_registry_holds_the_run(tmp_path):
+    from fedgspo.entities import (GSPOConfigEntity, GSPOTrainingRunEntity, ModelCheckpointEntity,
+                                  ModelEntity, ReputationEntity)
+    from fedgspo.entities.registry import EntityRegistry
+
+    run = tmp_path / "run"
+    assert main([f"run.dir={run}", *FAST]) == 0
+    reg = EntityRegistry(run / "registry.sqlite")
+    try:
+        (run_entity,) = reg.query(GSPOTrainingRunEntity)
+        assert run_entity.status == "completed" and run_entity.step == 6
+        assert reg.get(run_entity.config_id).digest is not None
+        model = reg.get(run_entity.policy_model_id)
+        assert isinstance(model, ModelEntity) and model.weights_hash
+        assert len(reg.query(GSPOConfigEntity)) == 1
+        (ck,) = reg.query(ModelCheckpointEntity)
+        assert ck.base_model_id == model.lineage_id and ck.step == 6
+        (rep,) = reg.query(ReputationEntity)
+        assert rep.rank == 0 and rep.clean_count == 6
+        assert len(reg.history(run_entity.lineage_id)) == 1 + 6 + 1  # registered, 6 steps, completed
+    finally:
+        reg.close()
+    events = [json.loads(line)["type"] for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "TrainingStarted" and events.count("StepCompleted") == 6
+    assert "CheckpointCreated" in events and events[-1] == "TrainingCompleted"

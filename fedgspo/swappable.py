@@ -1,0 +1,75 @@
+"""What a running job can swap by name: its reward, its aggregation rule, its LR schedule.
+
+Each lives in :class:`~fedgspo.callables.CallableRegistry` under a kind that is also the
+:class:`~fedgspo.callables.HotSwapper` slot:
+
+* ``reward``: TRL-signature reward functions (:mod:`fedgspo.rewards`); the configured weighted
+  sum is registered as ``"config"``; swapping to another name trains on that function alone.
+* ``aggregator``: the rules of :data:`fedgspo.aggregators.RULES`.
+* ``lr_schedule``: ``fn(step, total_steps, warmup_steps) -> factor`` on the base learning rate.
+
+A swap is requested by writing ``<run dir>/hotswap.json`` (``{"aggregator": "median"}``) and
+applied by every rank at the same step boundary (:meth:`HotSwapper.sync`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from fedgspo.aggregators import RULES
+from fedgspo.callables import CallableRegistry, HotSwapper
+from fedgspo.events import EventBus, NullEventBus
+from fedgspo.rewards import WeightedReward
+
+CONFIGURED_REWARD = "config"
+
+
+def _warmup(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+@CallableRegistry.register("constant", kind="lr_schedule", replace=True)
+def constant(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then the base learning rate."""
+    return _warmup(step, warmup_steps)
+
+
+@CallableRegistry.register("linear", kind="lr_schedule", replace=True)
+def linear(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then linear decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+@CallableRegistry.register("cosine", kind="lr_schedule", replace=True)
+def cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then half a cosine down to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+for _name, _rule in RULES.items():
+    CallableRegistry.register(_name, kind="aggregator", replace=True)(_rule)
+
+
+def build_swapper(*, reward: WeightedReward, aggregator: str, lr_schedule: str, run_dir: Path | None,
+                  bus: EventBus | NullEventBus, device: torch.device) -> HotSwapper:
+    """A :class:`HotSwapper` over the three slots; ``run_dir`` (rank 0) enables ``hotswap.json``.
+
+    Unknown names raise :class:`~fedgspo.callables.UnknownCallableError` listing the known ones.
+    """
+    CallableRegistry.register(CONFIGURED_REWARD, kind="reward", replace=True)(reward)
+    return HotSwapper({"reward": CONFIGURED_REWARD, "aggregator": aggregator, "lr_schedule": lr_schedule},
+                      run_dir, bus=bus, device=device if device.type == "cuda" else None)
+
+
+def current_reward(swapper: HotSwapper) -> WeightedReward:
+    """The reward in use: the configured weighted sum, or a swapped-in function at weight 1."""
+    fn = swapper["reward"]
+    return fn if isinstance(fn, WeightedReward) else WeightedReward([(fn, 1.0)])
