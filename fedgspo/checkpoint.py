@@ -50,6 +50,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# ``all_gather_into_tensor`` was renamed ``all_gather_single`` (same semantics) in torch 2.13.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 log = logging.getLogger(__name__)
 
 
@@ -328,27 +330,31 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
         gen.set_state(state["generators"][name])
 
 
-def _gather_rng_states(local: dict[str, Any]) -> list[bytes] | None:
-    """Every rank's RNG state as safetensors+JSON bytes on rank 0 (``None`` elsewhere).
-
-    Uses tensor collectives only (no pickle from other ranks). Collective: every rank calls.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    meta = json.dumps(_encode(local, tensors, "s"))
-    blob = save_safetensors_bytes(tensors, metadata={"state": meta})
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def all_gather_bytes(blob: bytes, group: dist.ProcessGroup | None = None) -> list[bytes]:
+    """Every rank's ``blob``, by rank, on every rank: two tensor all-gathers (sizes, then the
+    padded bytes); no pickle, so a Byzantine rank can send only bytes. Collective; single
+    process: ``[blob]``. Failure: collective errors propagate."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return [blob]
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     sizes = torch.zeros(world, dtype=torch.int64)
-    dist.all_gather_into_tensor(sizes, torch.tensor([len(blob)], dtype=torch.int64))
-    padded = torch.zeros(int(sizes.max()), dtype=torch.uint8)
-    padded[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    _all_gather(sizes, torch.tensor([len(blob)], dtype=torch.int64), group=group)
+    padded = torch.zeros(max(1, int(sizes.max())), dtype=torch.uint8)
+    if blob:
+        padded[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     out = torch.zeros(world * padded.numel(), dtype=torch.uint8)
-    dist.all_gather_into_tensor(out, padded)
-    if dist.get_rank() != 0:
-        return None
+    _all_gather(out, padded, group=group)
     rows = out.view(world, -1)
     return [bytes(rows[r, :int(sizes[r])].numpy()) for r in range(world)]
+
+
+def _gather_rng_states(local: dict[str, Any]) -> list[bytes] | None:
+    """Every rank's RNG state as a safetensors blob (JSON part in its metadata) on rank 0,
+    ``None`` elsewhere. Collective: every rank calls."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = json.dumps(_encode(local, tensors, "s"))
+    blobs = all_gather_bytes(save_safetensors_bytes(tensors, metadata={"state": meta}))
+    return blobs if not dist.is_initialized() or dist.get_rank() == 0 else None
 
 
 def _decode_rng_blob(blob: bytes) -> dict[str, Any]:
