@@ -128,6 +128,7 @@ class TrainConfig(_Section):
     max_steps: int = Field(1000, gt=0, description="Optimizer steps (as in TRL).")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    evaluate_only: bool = Field(False, description="Roll out and score max_steps batches; no updates.")
     num_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads per rank; default: cores / local ranks."
     )

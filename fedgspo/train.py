@@ -58,6 +58,7 @@ from fedgspo.distributed import (
 from fedgspo.gspo import GSPOStats, group_advantages, gspo_loss_and_stats
 from fedgspo.metrics import MetricsLogger
 from fedgspo.model import build_model, weights_sha256
+from fedgspo.pipeline import load_pipeline, run_pipeline
 from fedgspo.rewards import WeightedReward
 from fedgspo.reputation import ReputationTracker
 from fedgspo.robust import RobustReport, robust_all_reduce
@@ -81,8 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="fedgspo.train", description="Byzantine-robust distributed GSPO training.",
         epilog="Overrides are dotted keys, e.g. train.max_steps=50 aggregation.rule=median.")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: embedded)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, default=None, help="YAML config (default: embedded)")
+    source.add_argument("--pipeline", type=Path, default=None,
+                        help="YAML pipeline of GSPO stages run in dependency order (fedgspo/pipeline.py)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides (with --pipeline: applied to every stage)")
     return parser.parse_args(argv)
 
 
@@ -150,6 +155,8 @@ class Trainer:
         self.attack = cfg.attack
         # Sampling differs per rank; everything that must agree across ranks uses the cfg seed.
         self.sampler = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 9973 + ctx.rank)
+        self.summary: dict | None = None  # set on rank 0 by finish()
+        self.step = 0
         if ctx.is_main and ctx.world_size > 1 and self.f == 0 and self.rule != "mean":
             tqdm.write(f"note: {ctx.world_size} ranks leave {self.rule} no Byzantine tolerance "
                        f"(f=0); use 3+ ranks for f=1", file=sys.stderr)
@@ -247,6 +254,17 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def evaluate(self) -> dict:
+        """One rollout on this step's prompts with no update: the reward figures only."""
+        t0 = time.perf_counter()
+        batch = self.collect(self.step)
+        lengths = batch.rollout.completion_mask.sum(-1)
+        local = torch.stack([batch.rewards.mean(), (batch.rewards ** 2).mean(), lengths.mean()]).float()
+        mean, sq, length = all_reduce_mean(local).tolist()
+        return {"step": self.step, "reward_mean": mean, "reward_std": max(sq - mean ** 2, 0.0) ** 0.5,
+                "loss": 0.0, "clip_frac": 0.0, "completion_len": length, "flagged": [], "quarantined": [],
+                "step_time_s": time.perf_counter() - t0}
+
     def train(self) -> list[dict]:
         cfg, mu, ctx = self.cfg, self.cfg.gspo.num_iterations, self.ctx
         self.start()
@@ -255,6 +273,15 @@ class Trainer:
         history: list[dict] = []
         batch: RolloutBatch | None = None
         for step in range(cfg.train.max_steps):
+            self.step = step
+            if cfg.train.evaluate_only:
+                record = self.evaluate()
+                self.book.step(step, record, [])
+                if self.logger:
+                    self.logger.log(record)
+                history.append(record)
+                bar.update(1)
+                continue
             times: dict[str, float] = {}
             with timed(times, "rollout"):
                 if step % mu == 0:
@@ -306,13 +333,14 @@ class Trainer:
         last = sum(r["reward_mean"] for r in history[-window:]) / window
         self.book.checkpoint(final, len(history), weights, {"reward_mean": last})
         self.book.finish("completed", weights, step=len(history), reputations=self.reputation.ranks)
-        write_json_atomic(self.run_dir / "summary.json", {
+        self.summary = {
             "steps": len(history), "world_size": self.ctx.world_size,
             "reward_first10": first, "reward_last10": last, "weights_sha256": weights,
             "weights_sha256_per_rank": per_rank, "final_checkpoint": str(final),
             "config_sha256": self.cfg.digest(), "seconds": sum(r["step_time_s"] for r in history),
             "reputation": self.reputation.state_dict()["ranks"],
-        })
+        }
+        write_json_atomic(self.run_dir / "summary.json", self.summary)
         tqdm.write(f"done: reward {first:.3f} (first {window} steps) -> {last:.3f} (last {window}); "
                    f"run directory {self.run_dir}", file=sys.stderr)
 
@@ -353,21 +381,10 @@ def _configure_threads(cfg: Config, ctx: DistContext) -> None:
         torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"fedgspo.train: error: {err}", file=sys.stderr)
-        return 2
-    hf_logging.disable_progress_bar()
-    ctx = init_distributed(cfg.train.device)
-    _configure_threads(cfg, ctx)
-    try:
-        run_dir = resolve_run_dir(cfg, ctx)
-    except ConfigError as err:
-        print(f"fedgspo.train: error: {err}", file=sys.stderr)
-        return 2
+def run(cfg: Config, ctx: DistContext) -> dict | None:
+    """Train one run on every rank; returns its summary on rank 0 (``None`` elsewhere).
+    Raises :class:`ConfigError` when the run directory is taken (on every rank)."""
+    run_dir = resolve_run_dir(cfg, ctx)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, ctx, run_dir)
@@ -377,8 +394,33 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close(failed=True)
         raise
     trainer.close()
+    return trainer.summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.pipeline:
+            spec, configs = load_pipeline(args.pipeline, args.overrides)
+            first = next(iter(configs.values()))
+        else:
+            first = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"fedgspo.train: error: {err}", file=sys.stderr)
+        return 2
+    hf_logging.disable_progress_bar()
+    ctx = init_distributed(first.train.device)
+    _configure_threads(first, ctx)
+    try:
+        if args.pipeline:
+            ok = run_pipeline(spec, configs, is_main=ctx.is_main, run_stage=lambda c: run(c, ctx))
+        else:
+            ok = run(first, ctx) is not None or not ctx.is_main
+    except ConfigError as err:
+        print(f"fedgspo.train: error: {err}", file=sys.stderr)
+        return 2
     destroy_distributed()
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
