@@ -104,6 +104,11 @@ class Aggregator(ABC):
         if n < 1:
             raise ValueError(f"{self.name} needs at least one row, got n={n}")
 
+    def next_round(self) -> int:
+        """This call's round number (0, 1, 2, ...); callers on every rank advance it in step."""
+        self._calls += 1
+        return self._calls - 1
+
     def options(self) -> dict[str, float | int]:
         """Constructor arguments besides ``f`` (used to identify the rule across ranks)."""
         return {}
@@ -122,8 +127,7 @@ class Aggregator(ABC):
     ) -> torch.Tensor:
         stack = as_stack(vectors)
         self.check(stack.shape[0])
-        ctx = ShardContext(round=self._calls)
-        self._calls += 1
+        ctx = ShardContext(round=self.next_round())
         w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         return self.aggregate(stack, ctx, w if self.supports_weights else None)
 

@@ -10,8 +10,10 @@ floating-point summation order):
 
 * ``sharded`` (default): the flat update is cut into ``n`` shards; ``all_to_all_single``
   gives rank ``j`` shard ``j`` of every rank; rank ``j`` aggregates it; an
-  ``all_gather_into_tensor`` assembles the result. The bytes of a ring all-reduce. Rules
-  needing whole-vector quantities all-reduce ``n`` (or ``n x n``) partial sums.
+  ``all_gather_single`` assembles the result, carrying each rank's partial detection
+  statistics along. The bytes of a ring all-reduce. Rules needing whole-vector quantities
+  (Krum, geometric median, centered clipping, NNM) all-reduce ``n`` (or ``n x n``) partial
+  sums (:mod:`fedgspo.shard_exchange`).
   Trust model: it filters Byzantine *updates* but trusts every rank to compute its shard.
 * ``replicated``: ``all_gather`` of everything; every rank aggregates the full stack.
   ``n`` times the bytes; trusts no rank's computation.
@@ -149,10 +151,11 @@ def _agree(
     error: str,
     config_text: str,
     group: dist.ProcessGroup | None,
-) -> torch.Tensor:
+) -> tuple[Aggregator, torch.Tensor]:
     """All-gather every rank's metadata and raise the same ``ValueError`` everywhere on a mismatch.
 
-    Returns the ``(n, 6)`` metadata (numel, dtype code, f, config checksum, error, ||x||^2).
+    Returns the rule and the ``(n, 6)`` metadata (numel, dtype code, f, config checksum,
+    error, ||x||^2).
     """
     n = dist.get_world_size(group)
     flat = tensor.reshape(-1)
@@ -174,12 +177,12 @@ def _agree(
         if bool((meta[:, slot] != meta[0, slot]).any()):
             values = [int(v) for v in meta[:, slot].tolist()]
             raise ValueError(f"robust_all_reduce: ranks disagree on {what} (per rank: {values})")
-    assert agg is not None
+    assert agg is not None  # no rank reported an error, so this one built its rule
     try:
         agg.check(n)
     except ValueError as err:
         raise ValueError(f"robust_all_reduce: {err}") from None
-    return meta
+    return agg, meta
 
 
 def _tolerates(agg: Aggregator, rows: int) -> bool:
@@ -300,12 +303,10 @@ def robust_all_reduce(
     config_text = repr((rule, mode, sorted(options.items()), list(pre), sorted(exclude), weights, z_threshold, exclude_flagged))
     agg, w, error = _local_plan(tensor, rule, f, n, mode, exclude, weights, pre, options)
     with torch.no_grad():
-        meta = _agree(tensor, f, agg, error, config_text, group)
-        assert agg is not None
+        agg, meta = _agree(tensor, f, agg, error, config_text, group)
         nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, _SQ_NORM])]
         keep = [r for r in range(n) if r not in set(exclude) and w[r] > 0 and r not in nonfinite]
-        plan = AggregationPlan(agg, n, keep, w, nonfinite, agg._calls)
-        agg._calls += 1
+        plan = AggregationPlan(agg, n, keep, w, nonfinite, agg.next_round())
         flat = tensor.reshape(-1)
         judge = functools.partial(_judge, plan, z_threshold=z_threshold, exclude_flagged=exclude_flagged, mode=mode)
         if not _tolerates(agg, len(keep)):
