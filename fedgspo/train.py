@@ -387,6 +387,7 @@ def run(cfg: Config, ctx: DistContext) -> dict | None:
     run_dir = resolve_run_dir(cfg, ctx)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()  # transformers' bar on every checkpoint write
     trainer = Trainer(cfg, ctx, run_dir)
     try:
         trainer.train()
@@ -408,7 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedgspo.train: error: {err}", file=sys.stderr)
         return 2
-    hf_logging.disable_progress_bar()
     ctx = init_distributed(first.train.device)
     _configure_threads(first, ctx)
     try:
