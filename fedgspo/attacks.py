@@ -133,7 +133,9 @@ _LOCAL: dict[str, LocalAttack] = {
 }
 COLLUDING = ("alie", "ipm")
 ATTACKS: tuple[str, ...] = tuple(sorted((*_LOCAL, *COLLUDING)))
-_DEFAULT_STRENGTH = {"sign_flip": 1.0, "scaled": 10.0, "gaussian": 1.0, "bit_flip": 1e-3, "ipm": 0.1, "reward_flip": 1.0}
+_DEFAULT_STRENGTH = {
+    "sign_flip": 1.0, "scaled": 10.0, "gaussian": 1.0, "bit_flip": 1e-3, "ipm": 0.1, "reward_flip": 1.0
+}
 
 
 def strength_of(cfg: AttackConfig, n: int) -> float:

@@ -208,7 +208,10 @@ def _judge(
             reason = f"after excluding flagged ranks {flagged}, {len(keep)} ranks are too few for {plan.agg.spec()}"
     suspicious = [r for r in flagged if r in keep]
     if not reason and len(suspicious) > plan.agg.f:
-        reason = f"{len(suspicious)} aggregated ranks flagged ({suspicious}) but {plan.agg.spec()} tolerates f={plan.agg.f}"
+        reason = (
+            f"{len(suspicious)} aggregated ranks flagged ({suspicious}) "
+            f"but {plan.agg.spec()} tolerates f={plan.agg.f}"
+        )
     if not reason and not torch.isfinite(sums[2 * n]):
         reason = "the aggregate is not finite"
     report = RobustReport(
@@ -300,7 +303,9 @@ def robust_all_reduce(
         return RobustReport([0.0], [0.0], [], cosines=[1.0], norms=[float(tensor.norm())], weights=[1.0], rule=rule)
     n = dist.get_world_size(group)
     options = dict(rule_options)
-    config_text = repr((rule, mode, sorted(options.items()), list(pre), sorted(exclude), weights, z_threshold, exclude_flagged))
+    config_text = repr(
+        (rule, mode, sorted(options.items()), list(pre), sorted(exclude), weights, z_threshold, exclude_flagged)
+    )
     agg, w, error = _local_plan(tensor, rule, f, n, mode, exclude, weights, pre, options)
     with torch.no_grad():
         agg, meta = _agree(tensor, f, agg, error, config_text, group)

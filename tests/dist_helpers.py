@@ -40,7 +40,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int = 4, *args: Any, timeout: float = 90.0) -> list[tuple[str, Any]]:
-    """Results ``[(status, value)]`` by rank; ``status`` is ``"ok"`` or ``"error"`` (value: type, message, traceback)."""
+    """Results ``[(status, value)]`` by rank.
+
+    ``status`` is ``"ok"`` or ``"error"`` (then ``value`` is type, message, traceback).
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

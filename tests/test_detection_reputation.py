@@ -9,7 +9,14 @@ import torch
 from pydantic import ValidationError
 
 from fedgspo.aggregators import CoordinateMedian
-from fedgspo.detection import DEFAULT_THRESHOLD, RankStatistics, detect, false_alarm_rate, robust_z, statistics_from_sums
+from fedgspo.detection import (
+    DEFAULT_THRESHOLD,
+    RankStatistics,
+    detect,
+    false_alarm_rate,
+    robust_z,
+    statistics_from_sums,
+)
 from fedgspo.reputation import RankReputation, ReputationConfig, ReputationTracker
 from fedgspo.robust import RobustReport
 
