@@ -95,3 +95,28 @@ def test_registry_holds_the_run(tmp_path):
     events = [json.loads(line)["type"] for line in (run / "events.jsonl").read_text().splitlines()]
     assert events[0] == "TrainingStarted" and events.count("StepCompleted") == 6
     assert "CheckpointCreated" in events and events[-1] == "TrainingCompleted"
+
+
+@pytest.mark.slow
+def test_concurrent_runs_share_one_registry(tmp_path):
+    from fedgspo.entities import GSPOTrainingRunEntity
+    from fedgspo.entities.registry import EntityRegistry
+
+    shared = tmp_path / "sweep.sqlite"
+    procs = [subprocess.Popen([sys.executable, "-m", "fedgspo.train", f"run.dir={tmp_path / f'run{i}'}",
+                               f"bookkeeping.registry_path={shared}", f"train.seed={i}",
+                               *FAST[1:], "train.max_steps=12"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    reg = EntityRegistry(shared)
+    try:
+        runs = reg.query(GSPOTrainingRunEntity)
+        assert sorted(r.name for r in runs) == ["run0", "run1"]
+        for r in runs:  # every step's version of each run survived the other run's writes
+            assert r.status == "completed" and r.step == 12
+            assert [v.version for v in reg.history(r.lineage_id)] == list(range(14))
+    finally:
+        reg.close()
