@@ -1,11 +1,11 @@
 """Rollout verification in the manner of TOPLOC (Ong et al., 2025): a rank proves that its
 completions and log-probs came from the shared model.
 
-Prover. For each completion, the hidden states of the model's last layer at the positions of
-the completion tokens (the state *after* consuming each token, so every token, the last one
-included, is covered) are cut into chunks of ``chunk_size`` tokens; per chunk the ``topk``
-entries of largest magnitude of the flattened ``(tokens x hidden)`` block are kept as
-``(index, float16 value)``: a few dozen bytes per completion (:func:`build_proofs`).
+Prover. Each completion is cut into chunks of ``chunk_size`` tokens; per chunk the ``topk``
+entries of largest magnitude of the model's last-layer hidden state at the chunk's last token
+(the state *after* consuming that token, which attends to every earlier token, so every
+token, the very last one included, influences some proven state) are kept as
+``(index, float16 value)``: ``6 + 4k`` bytes per chunk (:func:`build_proofs`).
 The hidden states can come from any forward over prompt + completion with the rollout's
 weights: the first training forward of a rollout with ``output_hidden_states=True`` (free),
 or a separate no-grad prefill (:func:`prefill`).
@@ -119,20 +119,21 @@ def prefill_from_outputs(last_hidden: torch.Tensor, logits: torch.Tensor, input_
 
 
 def _chunk_topk(hidden: torch.Tensor, mask: torch.Tensor, cfg: ProofConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, C, k)`` indices and values of the top-|.| entries of each chunk of masked states,
-    and the flat ``(B, C, chunk*H)`` blocks (padding and masked tokens are zero)."""
+    """``(B, C, k)`` indices of the top-|.| entries of the state at the last real token of each
+    chunk, and those ``(B, C, H)`` states (chunks past a completion's end repeat its last state
+    and are not used)."""
     b, t, h = hidden.shape
     chunks = max(1, math.ceil(t / cfg.chunk_size))
-    padded = hidden.new_zeros(b, chunks * cfg.chunk_size, h)
-    padded[:, :t] = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-    blocks = padded.view(b, chunks, cfg.chunk_size * h)
-    k = min(cfg.topk, blocks.shape[-1])
-    index = blocks.abs().topk(k, dim=-1, sorted=False).indices
-    return index, blocks
+    lengths = mask.sum(-1).long()
+    ends = torch.arange(1, chunks + 1, device=hidden.device) * cfg.chunk_size
+    last = (torch.minimum(ends.unsqueeze(0), lengths.unsqueeze(1)) - 1).clamp(min=0)
+    states = hidden.gather(1, last.unsqueeze(-1).expand(b, chunks, h))
+    index = states.abs().topk(min(cfg.topk, h), dim=-1, sorted=False).indices
+    return index, states
 
 
-def _index_bytes(cfg: ProofConfig, hidden_size: int) -> int:
-    return 2 if cfg.chunk_size * hidden_size <= 1 << 16 else 4
+def _index_bytes(hidden_size: int) -> int:
+    return 2 if hidden_size <= 1 << 16 else 4
 
 
 def build_proofs(hidden: torch.Tensor, completion_mask: torch.Tensor, cfg: ProofConfig) -> list[bytes]:
@@ -141,9 +142,9 @@ def build_proofs(hidden: torch.Tensor, completion_mask: torch.Tensor, cfg: Proof
     ``completion_mask`` (B, T) marks the real tokens (1 up to and including EOS). A
     completion with ``n`` tokens gets ``ceil(n / chunk_size)`` chunks.
     """
-    index, blocks = _chunk_topk(hidden.float(), completion_mask, cfg)
-    values = blocks.gather(-1, index).to(torch.float16)
-    width = _index_bytes(cfg, hidden.shape[-1])
+    index, states = _chunk_topk(hidden.float(), completion_mask, cfg)
+    values = states.gather(-1, index).to(torch.float16)
+    width = _index_bytes(hidden.shape[-1])
     idx_np = index.to(torch.int32).numpy().astype("<u2" if width == 2 else "<u4")
     val_np = values.numpy().astype("<f2")
     lengths = completion_mask.sum(-1).long().tolist()
@@ -161,8 +162,8 @@ def decode_proof(proof: bytes, hidden_size: int, cfg: ProofConfig) -> tuple[torc
     if len(proof) < _HEADER.size:
         raise ProofError("proof shorter than its header")
     version, width, k, chunk, chunks = _HEADER.unpack_from(proof)
-    expected_k = min(cfg.topk, cfg.chunk_size * hidden_size)
-    if version != PROOF_VERSION or width != _index_bytes(cfg, hidden_size) or k != expected_k or chunk != cfg.chunk_size:
+    expected_k = min(cfg.topk, hidden_size)
+    if version != PROOF_VERSION or width != _index_bytes(hidden_size) or k != expected_k or chunk != cfg.chunk_size:
         raise ProofError(f"proof parameters (v{version}, k={k}, chunk={chunk}) do not match the verifier's")
     body = proof[_HEADER.size:]
     if len(body) != chunks * k * (width + 2):
@@ -170,7 +171,7 @@ def decode_proof(proof: bytes, hidden_size: int, cfg: ProofConfig) -> tuple[torc
     split = chunks * k * width
     idx = torch.frombuffer(bytearray(body[:split]), dtype=torch.uint16 if width == 2 else torch.uint32)
     val = torch.frombuffer(bytearray(body[split:]), dtype=torch.float16)
-    if bool((idx.to(torch.int64) >= chunk * hidden_size).any()):
+    if bool((idx.to(torch.int64) >= hidden_size).any()):
         raise ProofError("proof index out of range")
     return idx.to(torch.int64).view(chunks, k), val.float().view(chunks, k)
 
@@ -199,7 +200,7 @@ def check_proofs(reference: Prefill, completion_ids: torch.Tensor, completion_ma
     """
     mask = completion_mask.float()
     h = reference.hidden.shape[-1]
-    index, blocks = _chunk_topk(reference.hidden, mask, cfg)
+    index, states = _chunk_topk(reference.hidden, mask, cfg)
     logp_err = ((claimed_logps.float() - reference.logps) * mask).abs()
     logp_err = logp_err + claimed_logps.float().abs() * (1 - mask)  # padding must claim 0
     results = []
@@ -219,7 +220,7 @@ def check_proofs(reference: Prefill, completion_ids: torch.Tensor, completion_ma
             mine = index[row, :idx.shape[0]]
             hits = (idx.unsqueeze(-1) == mine.unsqueeze(-2)).any(-1).float().mean(-1)
             overlap = float(hits.min())
-            recomputed = blocks[row, :idx.shape[0]].gather(-1, idx).to(torch.float16).float()
+            recomputed = states[row, :idx.shape[0]].gather(-1, idx).to(torch.float16).float()
             value_err = float(((val - recomputed).abs() / (cfg.value_rtol * recomputed.abs() + cfg.value_atol)).max())
             if overlap < cfg.min_overlap:
                 reason = f"top-k indices overlap {overlap:.2f} < {cfg.min_overlap}"
