@@ -72,15 +72,49 @@ def _check_positive(name: str, value: float) -> float:
 
 
 def pairwise_sq_distances(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-    """``(n, n)`` float64 matrix of squared Euclidean distances between the full rows."""
-    partial = torch.cdist(stack, stack, compute_mode="donot_use_mm_for_euclid_dist").double().square()
-    return ctx.sum_over_shards(partial)
+    """``(n, n)`` float64 squared Euclidean distances between the full rows.
+
+    From the Gram matrix, ``||x_i||^2 + ||x_j||^2 - 2<x_i, x_j>``: one matrix product over
+    the shard (a pairwise ``cdist`` was 14x slower on a (4, 2.5M) shard). Precision: the
+    shard's products accumulate in the stack's dtype, so distances much smaller than the
+    norms (relative ~1e-3 in float32) are rounding noise; rows far from each other, such
+    as Byzantine outliers, are unaffected.
+    """
+    gram = ctx.sum_over_shards((stack @ stack.T).double())
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+    return dist.fill_diagonal_(0)
 
 
-def sq_distances_to(stack: torch.Tensor, point: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-    """``(n,)`` float64 squared distances of the full rows to ``point`` (whose shard is given)."""
-    partial = torch.cdist(stack, point[None], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
-    return ctx.sum_over_shards(partial.double().square())
+class _RowDistances:
+    """Squared distances of the full rows to a moving point: ``||x_i||^2 - 2<x_i, z> + ||z||^2``.
+
+    The first call is at the origin (where both iterative rules start) and reduces the rows'
+    squared norms, which are its answer; later calls cost one matrix-vector pass over the
+    shard and a reduction of ``n + 1`` numbers (plus ``extra`` scalars riding along).
+    """
+
+    def __init__(self, stack: torch.Tensor, ctx: ShardContext) -> None:
+        self.stack, self.ctx = stack, ctx
+        self.row_sq = torch.zeros(stack.shape[0], dtype=torch.float64)
+        self.point_sq = 0.0
+
+    def __call__(
+        self, point: torch.Tensor | None, extra: Sequence[torch.Tensor] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances to ``point`` (None: the origin) and the reduced ``extra`` values."""
+        n = self.stack.shape[0]
+        if point is None:
+            parts = [torch.linalg.vector_norm(self.stack, dim=1).double().square()]
+        else:
+            parts = [(self.stack @ point).double(), torch.dot(point, point).double().reshape(1)]
+        parts += [e.double().reshape(1) for e in extra]
+        total = self.ctx.sum_over_shards(torch.cat(parts)).cpu()
+        if point is None:
+            self.row_sq, self.point_sq = total[:n], 0.0
+            return self.row_sq, total[n:]
+        self.point_sq = float(total[n])
+        return (self.row_sq - 2 * total[:n] + self.point_sq).clamp_min(0), total[n + 1 :]
 
 
 def _combine(weights: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
@@ -329,7 +363,8 @@ class GeometricMedian(Aggregator):
     Args:
         f: recorded for the interface; the breakdown point is 1/2 (calls need ``2f < n``).
         eps: smoothing ``nu`` (> 0), the floor on distances.
-        max_iter: Weiszfeld iterations (>= 1); each costs one tiny all-reduce when sharded.
+        max_iter: Weiszfeld iterations (>= 1); each costs one matrix-vector pass over the
+            shard and one tiny all-reduce when sharded.
         tol: relative stopping tolerance (>= 0).
 
     Returns:
@@ -366,21 +401,20 @@ class GeometricMedian(Aggregator):
     def aggregate(self, stack: torch.Tensor, ctx: ShardContext, weights: torch.Tensor | None = None) -> torch.Tensor:
         n = stack.shape[0]
         w = torch.ones(n, dtype=torch.float64) if weights is None else weights.cpu()
+        dists = _RowDistances(stack, ctx)
+        sq, _ = dists(None)
         z = torch.zeros_like(stack[0])
-        previous = z
         for t in range(self.max_iter):
-            # One reduction per iteration: distances to z_t and, for the stopping test,
-            # the squared step ||z_t - z_{t-1}||^2 and ||z_t||^2.
-            parts = [torch.cdist(stack, z[None], compute_mode="donot_use_mm_for_euclid_dist")[:, 0].double().square()]
-            check = self.tol > 0 and t > 0
-            if check:
-                parts.append(torch.stack([(z - previous).double().square().sum(), z.double().square().sum()]))
-            total = ctx.sum_over_shards(torch.cat(parts)).cpu()
-            if check and total[n] <= (self.tol**2) * total[n + 1]:
+            beta = w / sq.sqrt().clamp_min(self.eps)
+            z_next = _combine((beta / beta.sum()).to(stack.device), stack)
+            if t == self.max_iter - 1:
                 break
-            beta = w / total[:n].sqrt().clamp_min(self.eps)
-            previous, z = z, _combine((beta / beta.sum()).to(stack.device), stack)
-        return z
+            # Distances to z_{t+1} for the next step, and the step ||z_{t+1} - z_t||^2 with them.
+            sq, step = dists(z_next, [(z_next - z).square().sum()] if self.tol > 0 else [])
+            if self.tol > 0 and float(step[0]) <= self.tol**2 * dists.point_sq:
+                break
+            z = z_next
+        return z_next
 
 
 class CenteredClipping(Aggregator):
@@ -421,11 +455,14 @@ class CenteredClipping(Aggregator):
         n = stack.shape[0]
         w = torch.ones(n, dtype=torch.float64) if weights is None else weights.cpu()
         w = w / w.sum()
+        dists = _RowDistances(stack, ctx)
+        sq, _ = dists(None)
         v = torch.zeros_like(stack[0])
-        for _ in range(self.iterations):
-            dist = sq_distances_to(stack, v, ctx).cpu().sqrt()
-            scale = w * torch.clamp(self.tau / dist, max=1.0)
+        for it in range(self.iterations):
+            scale = w * torch.clamp(self.tau / sq.sqrt(), max=1.0)
             v = v + _combine(scale.to(stack.device), stack) - scale.sum().item() * v
+            if it < self.iterations - 1:
+                sq, _ = dists(v)
         return v
 
 
