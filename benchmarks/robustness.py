@@ -1,0 +1,303 @@
+"""Robustness of real training runs under simulated Byzantine ranks: detection and final reward.
+
+Every cell of the matrix (attack x rule x f, plus one clean run per rule) is one real run,
+launched sequentially as ``torchrun --standalone --nproc_per_node=N -m fedgspo.train ...``.
+Each run's ``metrics.jsonl`` yields both figures, so one set of runs fills two tables:
+
+* ``detection``: precision and recall of the per-step ``flagged`` ranks. With attackers ``A``
+  active on every step: precision = flags on attackers / all flags, recall = flags on
+  attackers / (|A| x steps). Clean runs report their false flags per step.
+* ``robust_training``: final reward (mean ``reward_mean`` of the last 10% of steps) per
+  attack and rule, as a fraction of the clean run of plain ``mean``.
+
+Run (full default matrix, ~35 min on 2 CPU cores)::
+
+    python benchmarks/robustness.py
+    python benchmarks/robustness.py --quick                     # smoke check, ~3 min
+    python benchmarks/robustness.py --attacks sign_flip alie --rules median --f 1 2
+
+Output: both tables (markdown) on stdout, ``<out>/robustness.json`` (machine info, the
+resolved config and per-run figures of every run; rewritten after each run, so an
+interrupted benchmark keeps what it measured) and ``<out>/robust_training.png`` (reward
+curves under attack; needs matplotlib). Run directories go to ``<out>/runs/<cell>``; an
+existing one is replaced. A run that fails (non-zero exit, timeout, no metrics) is recorded
+with its exit code and stderr tail and the benchmark goes on. Runs are deterministic:
+``train.seed`` and the attack seed are fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, markdown_table, write_json  # noqa: E402
+
+ALL_ATTACKS = ("sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "alie", "ipm", "reward_flip")
+#: Attacks that change the update visibly (the detection target is >= 0.98 on these).
+OVERT = ("sign_flip", "scaled", "gaussian", "nan", "bit_flip")
+DEFAULT_RULES = ("mean", "median", "trimmed_mean")
+#: Extra cells of the default matrix: larger f for these attacks and rules.
+EXTRA_F, EXTRA_ATTACKS, EXTRA_RULES = (2, 3), ("sign_flip", "alie"), ("median", "trimmed_mean")
+#: Less work per rank than configs/default.yaml (2 prompts x 8 completions), so that 8 ranks
+#: fit on 2 cores; no bookkeeping or TensorBoard (off the measured path).
+BENCH_OVERRIDES = (
+    "run.progress_bar=false", "run.tensorboard=false", "run.log_every=1000000", "bookkeeping.enabled=false",
+    "task.prompts_per_rank=2", "gspo.num_generations=8",
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the matrix; ``attack`` None is the clean run. Attackers are the last ``f`` ranks."""
+
+    attack: str | None
+    rule: str
+    f: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.attack or 'clean'}-{self.rule}-f{self.f}"
+
+    def attackers(self, nproc: int) -> list[int]:
+        return [] if self.attack is None else list(range(nproc - self.f, nproc))
+
+    def overrides(self, nproc: int, steps: int, seed: int) -> list[str]:
+        """The run's ``key=value`` overrides on top of :data:`BENCH_OVERRIDES`."""
+        out = [*BENCH_OVERRIDES, f"train.max_steps={steps}", f"train.seed={seed}",
+               f"aggregation.rule={self.rule}", f"aggregation.f={self.f}"]
+        if self.attack is not None:
+            out.append(f"attack={{kind: {self.attack}, ranks: {self.attackers(nproc)}, seed: {seed}}}")
+        return out
+
+
+def build_matrix(attacks: Iterable[str], rules: Iterable[str], fs: Iterable[int], extra: bool) -> list[Cell]:
+    """Clean runs (one per rule, at the smallest f) first, then attack x rule x f; with
+    ``extra`` also :data:`EXTRA_F` for :data:`EXTRA_ATTACKS` on :data:`EXTRA_RULES`."""
+    attacks, rules, fs = list(attacks), list(rules), sorted(set(fs))
+    cells = [Cell(None, rule, fs[0]) for rule in rules]
+    cells += [Cell(a, rule, f) for f in fs for a in attacks for rule in rules]
+    if extra:
+        cells += [Cell(a, rule, f) for f in EXTRA_F for a in EXTRA_ATTACKS for rule in EXTRA_RULES]
+    return list(dict.fromkeys(cells))
+
+
+def launch(cell: Cell, run_dir: Path, nproc: int, steps: int, seed: int, timeout: float) -> dict[str, Any]:
+    """Run one cell with torchrun (replacing ``run_dir``); returns exit code, wall time and,
+    on failure, the stderr tail. Never raises for a failed or timed-out run."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fedgspo.train", f"run.dir={run_dir}", *cell.overrides(nproc, steps, seed)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        rc, err = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, err = None, f"timed out after {timeout:.0f} s\n{exc.stderr or ''}"
+    return {"command": cmd, "returncode": rc, "wall_s": time.perf_counter() - t0,
+            "error": None if rc == 0 else str(err)[-3000:]}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-step records of a run; an empty list when the file is missing."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tail_mean(values: list[float], fraction: float = 0.1) -> float:
+    """Mean of the last ``fraction`` of ``values`` (at least one value)."""
+    k = max(1, math.ceil(fraction * len(values)))
+    return sum(values[-k:]) / k
+
+
+def detection_figures(records: list[dict[str, Any]], attackers: list[int]) -> dict[str, Any]:
+    """Precision / recall of the ``flagged`` lists against ``attackers`` (active on every step).
+
+    Precision is None when nothing was flagged, recall None for a clean run.
+    """
+    bad = set(attackers)
+    true_flags = sum(len(bad & set(r["flagged"])) for r in records)
+    false_flags = sum(len(set(r["flagged"]) - bad) for r in records)
+    flags = true_flags + false_flags
+    return {
+        "true_flags": true_flags,
+        "false_flags": false_flags,
+        "precision": true_flags / flags if flags and bad else None,
+        "recall": true_flags / (len(bad) * len(records)) if bad and records else None,
+        "false_flags_per_step": false_flags / len(records) if records else None,
+        "consensus_failed_steps": sum(bool(r.get("consensus_failed")) for r in records),
+        "quarantined_at_end": records[-1]["quarantined"] if records else [],
+    }
+
+
+def run_figures(records: list[dict[str, Any]], attackers: list[int]) -> dict[str, Any]:
+    """Reward and detection figures of one completed run."""
+    rewards = [r["reward_mean"] for r in records]
+    return {
+        "steps": len(records),
+        "reward_initial": sum(rewards[: max(1, len(rewards) // 10)]) / max(1, len(rewards) // 10),
+        "reward_final": tail_mean(rewards),
+        "reward_curve": rewards,
+        "step_time_s": sum(r["step_time_s"] for r in records) / len(records),
+        **detection_figures(records, attackers),
+    }
+
+
+def run_cell(cell: Cell, runs_dir: Path, nproc: int, steps: int, seed: int, timeout: float) -> dict[str, Any]:
+    """Launch one cell and collect its figures; ``status`` is ``ok`` or ``failed``."""
+    run_dir = runs_dir / cell.name
+    launched = launch(cell, run_dir, nproc, steps, seed, timeout)
+    records = read_metrics(run_dir)
+    ok = launched["returncode"] == 0 and len(records) == steps
+    config_path = run_dir / "config.yaml"
+    return {
+        **asdict(cell), "name": cell.name, "attackers": cell.attackers(nproc),
+        "status": "ok" if ok else "failed", **launched,
+        "config": yaml.safe_load(config_path.read_text()) if config_path.exists() else None,
+        "figures": run_figures(records, cell.attackers(nproc)) if ok else None,
+    }
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def detection_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: attack, rule, f, precision, recall, false flags per step, skipped steps."""
+    rows = []
+    for run in runs:
+        fig = run["figures"]
+        if fig is None:
+            rows.append([run["attack"] or "clean", run["rule"], run["f"], "failed", "", "", "", ""])
+            continue
+        rows.append([run["attack"] or "clean", run["rule"], run["f"], fmt(fig["precision"]), fmt(fig["recall"]),
+                     fmt(fig["false_flags_per_step"]), fig["consensus_failed_steps"], fig["quarantined_at_end"]])
+    header = ["attack", "rule", "f", "precision", "recall", "false flags/step", "skipped steps", "quarantined"]
+    return markdown_table(header, rows)
+
+
+def clean_reference(runs: list[dict[str, Any]]) -> float | None:
+    """Final reward of the clean ``mean`` run (else of any clean run); None if none finished."""
+    clean = [r for r in runs if r["attack"] is None and r["figures"]]
+    clean.sort(key=lambda r: r["rule"] != "mean")
+    return clean[0]["figures"]["reward_final"] if clean else None
+
+
+def training_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: one row per (attack, f), one column per rule: final reward and % of clean mean."""
+    ref = clean_reference(runs)
+    rules = list(dict.fromkeys(r["rule"] for r in runs))
+    cells = {(r["attack"] or "clean", r["f"], r["rule"]): r["figures"] for r in runs}
+    rows = []
+    for attack, f in dict.fromkeys((r["attack"] or "clean", r["f"]) for r in runs):
+        row: list[Any] = [attack, f]
+        for rule in rules:
+            fig = cells.get((attack, f, rule), "absent")
+            if fig == "absent":
+                row.append("")
+            elif fig is None:
+                row.append("failed")
+            else:
+                share = f" ({100 * fig['reward_final'] / ref:.0f}%)" if ref else ""
+                row.append(f"{fig['reward_initial']:.2f} -> {fig['reward_final']:.2f}{share}")
+        rows.append(row)
+    return markdown_table(["attack", "f", *rules], rows)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path, window: int = 10) -> Path | None:
+    """One panel per rule: moving-average reward curves of the clean run and every attack at
+    the smallest f. Returns None (and says so on stderr) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    done = [r for r in runs if r["figures"]]
+    rules = list(dict.fromkeys(r["rule"] for r in done))
+    if not rules:
+        return None
+    f_min = min(r["f"] for r in done)
+    fig, axes = plt.subplots(1, len(rules), figsize=(5 * len(rules), 4), sharey=True, squeeze=False)
+    for ax, rule in zip(axes[0], rules):
+        for run in (r for r in done if r["rule"] == rule and r["f"] == f_min):
+            curve = run["figures"]["reward_curve"]
+            smooth = [sum(curve[max(0, i - window + 1): i + 1]) / len(curve[max(0, i - window + 1): i + 1])
+                      for i in range(len(curve))]
+            clean = run["attack"] is None
+            ax.plot(smooth, label=run["attack"] or "clean", color="black" if clean else None,
+                    linewidth=2.5 if clean else 1.0)
+        ax.set_title(f"{rule} (f={f_min})")
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel(f"reward_mean ({window}-step moving average)")
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=8, help="ranks per run (default 8)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 120; quick 20)")
+    parser.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS, default=None, help="default: all")
+    parser.add_argument("--rules", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_RULES)}")
+    parser.add_argument("--f", type=int, nargs="+", default=None,
+                        help=f"default: 1, plus f={EXTRA_F} for {EXTRA_ATTACKS} on {EXTRA_RULES}")
+    parser.add_argument("--seed", type=int, default=0, help="train.seed and attack seed")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as failed")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--quick", action="store_true", help="smoke check: sign_flip on mean and trimmed_mean, 20 steps")
+    return parser.parse_args(argv)
+
+
+def matrix_of(args: argparse.Namespace) -> list[Cell]:
+    """The cells the command line asks for (see :func:`parse_args`)."""
+    if args.quick:
+        return build_matrix(args.attacks or ["sign_flip"], args.rules or ["mean", "trimmed_mean"], args.f or [1], False)
+    default = args.attacks is None and args.rules is None and args.f is None
+    return build_matrix(args.attacks or ALL_ATTACKS, args.rules or DEFAULT_RULES, args.f or [1], default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the matrix, print both tables, write JSON and the plot. Exit code 1 if a run failed."""
+    args = parse_args(argv)
+    steps = args.steps or (20 if args.quick else 120)
+    cells = matrix_of(args)
+    json_path = args.out / "robustness.json"
+    settings = {"nproc": args.nproc, "steps": steps, "seed": args.seed, "bench_overrides": list(BENCH_OVERRIDES)}
+    runs: list[dict[str, Any]] = []
+    for i, cell in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
+        runs.append(run_cell(cell, args.out / "runs", args.nproc, steps, args.seed, args.timeout))
+        run = runs[-1]
+        print(f"    {run['status']} in {run['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        write_json(json_path, {"settings": settings, "runs": runs})
+    print("## detection\n\n" + detection_table(runs) + "\n")
+    print("## robust_training (reward first 10% -> last 10% of steps; % of the clean mean run)\n\n"
+          + training_table(runs) + "\n")
+    plot = plot_curves(runs, args.out / "robust_training.png")
+    print(f"wrote {json_path}" + (f" and {plot}" if plot else ""))
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
