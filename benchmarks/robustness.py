@@ -15,6 +15,7 @@ Run (full default matrix, ~35 min on 2 CPU cores)::
     python benchmarks/robustness.py
     python benchmarks/robustness.py --quick                     # smoke check, ~3 min
     python benchmarks/robustness.py --attacks sign_flip alie --rules median --f 1 2
+    python benchmarks/robustness.py --from-json benchmarks/results/robustness.json   # tables again
 
 Output: both tables (markdown) on stdout, ``<out>/robustness.json`` (machine info, the
 resolved config and per-run figures of every run; rewritten after each run, so an
@@ -266,6 +267,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as failed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--quick", action="store_true", help="smoke check: sign_flip on mean and trimmed_mean, 20 steps")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="run nothing: print the tables and plot of an earlier (possibly partial) robustness.json")
     return parser.parse_args(argv)
 
 
@@ -277,25 +280,39 @@ def matrix_of(args: argparse.Namespace) -> list[Cell]:
     return build_matrix(args.attacks or ALL_ATTACKS, args.rules or DEFAULT_RULES, args.f or [1], default)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the matrix, print both tables, write JSON and the plot. Exit code 1 if a run failed."""
-    args = parse_args(argv)
-    steps = args.steps or (20 if args.quick else 120)
-    cells = matrix_of(args)
-    json_path = args.out / "robustness.json"
+def run_matrix(cells: list[Cell], args: argparse.Namespace, steps: int, json_path: Path) -> list[dict[str, Any]]:
+    """Run ``cells`` one after another, rewriting ``json_path`` after each run."""
     settings = {"nproc": args.nproc, "steps": steps, "seed": args.seed, "bench_overrides": list(BENCH_OVERRIDES)}
     runs: list[dict[str, Any]] = []
     for i, cell in enumerate(cells, 1):
         print(f"[{i}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
         runs.append(run_cell(cell, args.out / "runs", args.nproc, steps, args.seed, args.timeout))
-        run = runs[-1]
-        print(f"    {run['status']} in {run['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        print(f"    {runs[-1]['status']} in {runs[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
         write_json(json_path, {"settings": settings, "runs": runs})
+    return runs
+
+
+def report(runs: list[dict[str, Any]], plot_path: Path) -> None:
+    """Print both tables and write the plot."""
     print("## detection\n\n" + detection_table(runs) + "\n")
     print("## robust_training (reward first 10% -> last 10% of steps; % of the clean mean run)\n\n"
           + training_table(runs) + "\n")
-    plot = plot_curves(runs, args.out / "robust_training.png")
-    print(f"wrote {json_path}" + (f" and {plot}" if plot else ""))
+    plot = plot_curves(runs, plot_path)
+    if plot:
+        print(f"wrote {plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the matrix (or re-read ``--from-json``), print both tables, write JSON and the plot.
+    Exit code 1 if a run failed."""
+    args = parse_args(argv)
+    if args.from_json:
+        runs = json.loads(args.from_json.read_text())["runs"]
+    else:
+        json_path = args.out / "robustness.json"
+        runs = run_matrix(matrix_of(args), args, args.steps or (20 if args.quick else 120), json_path)
+        print(f"wrote {json_path}")
+    report(runs, args.out / "robust_training.png")
     return 0 if all(r["status"] == "ok" for r in runs) else 1
 
 
