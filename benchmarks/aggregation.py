@@ -4,8 +4,10 @@ Run (CPU, gloo)::
 
     torchrun --standalone --nproc_per_node=4 benchmarks/aggregation.py --sizes 1000000 10000000
 
-Every measurement is the median of ``--reps`` barrier-fenced runs (``time.perf_counter``)
-after ``--warmup`` untimed runs (which also compile the kernels). The communication floor
+Every op runs ``--warmup`` untimed rounds (which also compile the kernels), then ``--reps``
+rounds in which all ops run back to back, each barrier-fenced (``time.perf_counter``). The
+table shows the median time per op and the median over rounds of its ratio to
+``dist.all_reduce`` of the same tensor and to the communication floor. The communication floor
 is ``all_to_all_single`` plus ``all_gather_single`` of the same sizes: what the sharded
 exchange costs with no local work. Rank 0 prints a table and writes JSON (machine,
 versions, times, ratios) to ``benchmarks/results/aggregation.json``.
@@ -14,6 +16,7 @@ versions, times, ratios) to ``benchmarks/results/aggregation.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -42,18 +45,25 @@ CASES: list[tuple[str, str, int, str, dict[str, float | int]]] = [
 ]
 
 
-def timed(fn: Callable[[], None], reset: Callable[[], None], reps: int, warmup: int) -> float:
-    """Median seconds of ``fn`` over ``reps`` barrier-fenced runs, ``reset`` untimed before each."""
-    samples = []
+def timed_round_robin(
+    ops: dict[str, Callable[[], None]], reset: Callable[[], None], reps: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds of every op per round; each round runs all ops back to back (barrier-fenced).
+
+    Interleaving keeps each op's samples and the all-reduce's taken under the same load, so
+    per-round ratios stay meaningful on a shared machine.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in ops}
     for i in range(warmup + reps):
-        reset()
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        if i >= warmup:
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, fn in ops.items():
+            reset()
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            dist.barrier()
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return samples
 
 
 def tolerable_f(rule: str, f: int, n: int) -> int:
@@ -63,7 +73,8 @@ def tolerable_f(rule: str, f: int, n: int) -> int:
     return f
 
 
-def bench_size(d: int, reps: int, warmup: int) -> dict[str, float]:
+def bench_size(d: int, reps: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Median ms per op and the medians of its per-round ratios to all_reduce and the comm floor."""
     n, rank = dist.get_world_size(), dist.get_rank()
     x = torch.randn(d, generator=torch.Generator().manual_seed(rank))
     t = torch.empty_like(x)
@@ -79,14 +90,22 @@ def bench_size(d: int, reps: int, warmup: int) -> dict[str, float]:
         dist.all_to_all_single(recv, send)
         all_gather_single(out, shard)
 
-    times = {
-        "all_reduce": timed(lambda: dist.all_reduce(t), reset, reps, warmup),
-        "comm_floor": timed(floor, reset, reps, warmup),
-    }
+    ops: dict[str, Callable[[], None]] = {"all_reduce": lambda: dist.all_reduce(t), "comm_floor": floor}
     for label, rule, f, mode, options in CASES:
         k = tolerable_f(rule, f, n)
-        times[label] = timed(lambda: robust_all_reduce(t, rule, k, mode=mode, **options), reset, reps, warmup)
-    return times
+        ops[label] = functools.partial(robust_all_reduce, t, rule, k, mode=mode, **options)
+    samples = timed_round_robin(ops, reset, reps, warmup)
+    def ratio(a: list[float], b: list[float]) -> float:
+        return statistics.median([x / y for x, y in zip(a, b)])
+
+    return {
+        name: {
+            "ms": 1e3 * statistics.median(v),
+            "vs_all_reduce": ratio(v, samples["all_reduce"]),
+            "vs_comm_floor": ratio(v, samples["comm_floor"]),
+        }
+        for name, v in samples.items()
+    }
 
 
 def machine() -> dict[str, object]:
@@ -99,6 +118,7 @@ def machine() -> dict[str, object]:
         "world_size": dist.get_world_size(),
         "backend": dist.get_backend(),
         "threads_per_rank": torch.get_num_threads(),
+        "load_average_1_5_15min": os.getloadavg(),
     }
 
 
@@ -112,17 +132,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    results = {}
-    for d in args.sizes:
-        times = bench_size(d, args.reps, args.warmup)
-        results[str(d)] = {
-            name: {
-                "ms": 1e3 * sec,
-                "vs_all_reduce": sec / times["all_reduce"],
-                "vs_comm_floor": sec / times["comm_floor"],
-            }
-            for name, sec in times.items()
-        }
+    results = {str(d): bench_size(d, args.reps, args.warmup) for d in args.sizes}
     if dist.get_rank() == 0:
         print(f"{'d':>10} {'operation':<26} {'ms':>9} {'x all_reduce':>13} {'x comm floor':>13}")
         for d, rows in results.items():
