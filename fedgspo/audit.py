@@ -68,7 +68,7 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json({k: v for k, v in record.items() if k != "hash"})).hexdigest()
 
 
-def _head_mac(key: bytes | None, seq: int, last_hash: str) -> str | None:
+def _head_mac(key: bytes | None, seq: object, last_hash: object) -> str | None:
     if key is None:
         return None
     return hmac.new(key, f"fedgspo-audit-head:{seq}:{last_hash}".encode(), hashlib.sha256).hexdigest()
@@ -116,7 +116,8 @@ def verify_audit_log(path: Path, key: bytes | None = None) -> AuditSummary:
         head = json.loads(head_path.read_text())
     except json.JSONDecodeError:
         raise AuditError(head_path, 0, "not valid JSON") from None
-    if key is not None and not hmac.compare_digest(str(head.get("mac")), str(_head_mac(key, head["seq"], head["hash"]))):
+    expected_mac = _head_mac(key, head.get("seq"), head.get("hash"))
+    if key is not None and not hmac.compare_digest(str(head.get("mac")), str(expected_mac)):
         raise AuditError(head_path, 0, "HMAC does not verify under the admin key")
     if head.get("seq") != seq or head.get("hash") != prev:
         raise AuditError(path, seq + 2, f"log ends at seq {seq} but the head records seq {head.get('seq')} "

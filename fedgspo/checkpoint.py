@@ -410,6 +410,7 @@ class CheckpointManager:
         self.run_dir, self.cfg, self.rank = Path(run_dir), cfg, rank
         self.root = self.run_dir / CHECKPOINTS
         self.parent: CheckpointInfo | None = None  # the checkpoint the next save descends from
+        self.skipped: list[tuple[str, str]] = []  # corrupt checkpoints the last resume passed over
 
     @staticmethod
     def step_dir_name(step: int) -> str:
@@ -498,7 +499,7 @@ class CheckpointManager:
         """Restore every rank from the checkpoint ``cfg.resume`` selects; ``None`` if none.
 
         Collective. Rank 0 verifies candidates newest first and broadcasts its choice (and
-        the skipped ones); every rank then loads model, optimizer, scheduler, its own RNG
+        the skipped ones, also kept in :attr:`skipped` when nothing verified); every rank then loads model, optimizer, scheduler, its own RNG
         state (``rng/rank<r>``; a rank beyond the saved world size keeps its seeded state,
         with a warning) and the extra state, hashing every file as it reads it. The chosen
         checkpoint becomes the parent of the next save.
@@ -508,6 +509,7 @@ class CheckpointManager:
         the first case; the run must stop, no partial state should be trusted).
         """
         path, skipped, error = broadcast_object(self._choose() if self.rank == 0 else None)
+        self.skipped = skipped
         for bad, reason in skipped:
             log.warning("skipping corrupt checkpoint %s: %s", bad, reason)
         if error:

@@ -44,7 +44,8 @@ def test_round_trip_restores_every_part(tmp_path: Path) -> None:
     train_one(model, opt, sched)
     sampler = torch.Generator().manual_seed(7)
     extra = {"reputation": torch.arange(4.0), "flags": {3: [1, 2]}, "name": "x", "pair": (1, 2.5)}
-    info = CheckpointManager(tmp_path, CheckpointConfig(every=1)).save(1, model, opt, sched, extra, {"sampler": sampler})
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(every=1))
+    info = mgr.save(1, model, opt, sched, extra, {"sampler": sampler})
     expected_draw = torch.rand(3, generator=sampler)
     expected_global = torch.rand(2)
 
