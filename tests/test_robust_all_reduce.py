@@ -49,6 +49,22 @@ def _equivalence(rank: int, world: int) -> dict:
     return out
 
 
+def _all_scenarios(rank: int, world: int) -> dict:
+    """Every scenario in one set of processes (starting 4 ranks costs more than the scenarios)."""
+    return {
+        "equivalence": _equivalence(rank, world),  # first: bucketing's rounds start at 0
+        "bad_inputs": _bad_inputs(rank, world),
+        "detection": _detection(rank, world),
+        "ddp": _ddp(rank, world),
+    }
+
+
+@pytest.fixture(scope="module")
+def scenarios() -> dict[str, list]:
+    per_rank = values(run_ranks(_all_scenarios, WORLD, timeout=240))
+    return {name: [r[name] for r in per_rank] for name in per_rank[0]}
+
+
 def _reference(d: int, call: int, rule: str, f: int, kw: dict) -> torch.Tensor:
     options = {k: v for k, v in kw.items() if k != "weights"}
     agg = build_aggregator(rule, f, **options)
@@ -57,8 +73,8 @@ def _reference(d: int, call: int, rule: str, f: int, kw: dict) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_every_mode_equals_the_single_process_rule():
-    results = values(run_ranks(_equivalence, WORLD))
+def test_every_mode_equals_the_single_process_rule(scenarios):
+    results = scenarios["equivalence"]
     for key, (tensor, report) in results[0].items():
         d, mode, i = key
         rule, f, kw = RULES[i]
@@ -96,8 +112,8 @@ def _bad_inputs(rank: int, world: int) -> list:
 
 
 @pytest.mark.slow
-def test_bad_input_raises_on_every_rank_without_hanging():
-    results = values(run_ranks(_bad_inputs, WORLD, timeout=60))
+def test_bad_input_raises_on_every_rank_without_hanging(scenarios):
+    results = scenarios["bad_inputs"]
     for per_rank in zip(*results):
         name = per_rank[0][0]
         if name == "after":
@@ -147,8 +163,8 @@ def _detection(rank: int, world: int) -> dict:
 
 
 @pytest.mark.slow
-def test_detection_exclusion_and_consensus_failure():
-    results = values(run_ranks(_detection, WORLD))
+def test_detection_exclusion_and_consensus_failure(scenarios):
+    results = scenarios["detection"]
     x = updates(500, spread=1.0)
     tm = build_aggregator("trimmed_mean", 1)
     for name in results[0]:
@@ -194,8 +210,8 @@ def _ddp(rank: int, world: int) -> tuple:
 
 
 @pytest.mark.slow
-def test_ddp_comm_hook_applies_the_rule_per_bucket():
-    results = values(run_ranks(_ddp, WORLD))
+def test_ddp_comm_hook_applies_the_rule_per_bucket(scenarios):
+    results = scenarios["ddp"]
     local = torch.stack([r[1] for r in results])
     expected = build_aggregator("median", 1)(local)
     for robust_grad, _, buckets, failed in results:
