@@ -256,3 +256,22 @@ def test_krum_picks_an_honest_row(n, seed, offset):
     x[:f] = random_stack(f, 6, seed + 1) + offset  # Byzantine rows far away
     out = A.Krum(f)(x)
     assert any(torch.equal(out, x[i]) for i in range(f, n))
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_aggregation_config_builds_all_reduce_arguments():
+    from pydantic import ValidationError
+
+    from fedgspo.aggregation_config import AggregationConfig
+
+    cfg = AggregationConfig(rule="median", f=1, pre=["bucketing"], bucket_size=3, options={"seed": 4})
+    kwargs = cfg.all_reduce_kwargs()
+    assert kwargs["rule"] == "median" and kwargs["f"] == 1 and kwargs["pre"] == ("bucketing",)
+    assert kwargs["bucket_size"] == 3 and kwargs["seed"] == 4 and kwargs["mode"] == "sharded"
+    extra = {k: v for k, v in kwargs.items() if k not in ("rule", "f", "pre", "mode", "z_threshold", "exclude_flagged")}
+    assert A.build_aggregator("median", 1, pre=("bucketing",), **extra).spec() == "bucketing(s=3,seed=4)+median(f=1)"
+    for bad in ({"rule": "average"}, {"options": {"taux": 1.0}}, {"mode": "fast"}, {"unknown": 1}):
+        with pytest.raises(ValidationError):
+            AggregationConfig(**bad)
