@@ -3,6 +3,7 @@ and identical restore on two gloo ranks."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,47 @@ def test_two_ranks_restore_identically(tmp_path: Path) -> None:
     assert all(status == "ok" for status, _ in results), results
     (w0, s0, draw0, step0), (w1, s1, draw1, step1) = (value for _, value in results)
     assert (w0, s0, step0) == (w1, s1, step1) and draw0 != draw1
+
+
+def _wired_loop(rank: int, world_size: int, run_dir: str, admin: bytes) -> tuple[int, int, str]:
+    """The training-loop wiring in miniature: audit, periodic checkpoints, a signed stop request
+    polled at the step boundary, then a restart that resumes on every rank."""
+    from fedgspo.audit import CHECKPOINT, RESUME, AuditLog
+    from fedgspo.auth import RequestInbox, poll_requests, write_request
+
+    run = Path(run_dir)
+    audit = AuditLog(run, key=admin) if rank == 0 else None
+    inbox = RequestInbox(run, admin, audit) if rank == 0 else None
+    model, opt, sched = make_parts()
+    mgr = CheckpointManager(run, CheckpointConfig(every=2, resume="auto"), rank=rank)
+    stopped_at = -1
+    for step in range(10):
+        train_one(model, opt, sched)
+        info = mgr.maybe_save(step + 1, model, opt, sched, {"step": step + 1})
+        if info is not None:
+            audit.append(CHECKPOINT, {"path": str(info.path), "sha256": info.sha256}, step=info.step)
+        if rank == 0 and step == 2:
+            write_request(run, admin, "stop", {})
+        if any(r.action == "stop" for r in poll_requests(inbox, step + 1)):
+            stopped_at = step + 1
+            break
+    model2, opt2, sched2 = make_parts(seed=5)
+    resumed = CheckpointManager(run, CheckpointConfig(resume="auto"), rank=rank).load_latest_verified(
+        model2, opt2, sched2)
+    if audit is not None:
+        audit.append(RESUME, {"sha256": resumed.info.sha256}, step=resumed.info.step)
+    return stopped_at, resumed.extra_state["step"], weights_sha256(model2)
+
+
+@pytest.mark.slow
+def test_wired_loop_stops_together_and_resumes_identically(tmp_path: Path) -> None:
+    from fedgspo.audit import verify_audit_log
+
+    admin = b"a" * 32
+    results = run_ranks(_wired_loop, 2, str(tmp_path), admin)
+    assert all(status == "ok" for status, _ in results), results
+    (stop0, step0, w0), (stop1, step1, w1) = (value for _, value in results)
+    assert stop0 == stop1 == 3 and step0 == step1 == 2 and w0 == w1
+    assert verify_audit_log(tmp_path / "audit.jsonl", admin).records == 3
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert kinds == ["checkpoint", "operator_request", "resume"]
