@@ -5,7 +5,7 @@ Prover. Each completion is cut into chunks of ``chunk_size`` tokens; per chunk t
 entries of largest magnitude of the model's last-layer hidden state at the chunk's last token
 (the state *after* consuming that token, which attends to every earlier token, so every
 token, the very last one included, influences some proven state) are kept as
-``(index, float16 value)``: ``6 + 4k`` bytes per chunk (:func:`build_proofs`).
+``(index, float16 value)``: ``4k`` bytes per chunk plus an 8-byte header (:func:`build_proofs`).
 The hidden states can come from any forward over prompt + completion with the rollout's
 weights: the first training forward of a rollout with ``output_hidden_states=True`` (free),
 or a separate no-grad prefill (:func:`prefill`).
