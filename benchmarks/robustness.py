@@ -119,16 +119,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def tail_mean(values: list[float], fraction: float = 0.1) -> float:
-    """Mean of the last ``fraction`` of ``values`` (at least one value)."""
+def window_mean(values: list[float], last: bool, fraction: float = 0.1) -> float:
+    """Mean of the first (or ``last``) ``fraction`` of a non-empty ``values`` (at least one value)."""
     k = max(1, math.ceil(fraction * len(values)))
-    return sum(values[-k:]) / k
+    window = values[-k:] if last else values[:k]
+    return sum(window) / k
 
 
 def detection_figures(records: list[dict[str, Any]], attackers: list[int]) -> dict[str, Any]:
     """Precision / recall of the ``flagged`` lists against ``attackers`` (active on every step).
 
-    Precision is None when nothing was flagged, recall None for a clean run.
+    Precision is None for a clean run or when nothing was flagged, recall None for a clean run.
     """
     bad = set(attackers)
     true_flags = sum(len(bad & set(r["flagged"])) for r in records)
@@ -146,12 +147,12 @@ def detection_figures(records: list[dict[str, Any]], attackers: list[int]) -> di
 
 
 def run_figures(records: list[dict[str, Any]], attackers: list[int]) -> dict[str, Any]:
-    """Reward and detection figures of one completed run."""
+    """Reward and detection figures of one completed run (``records`` must not be empty)."""
     rewards = [r["reward_mean"] for r in records]
     return {
         "steps": len(records),
-        "reward_initial": sum(rewards[: max(1, len(rewards) // 10)]) / max(1, len(rewards) // 10),
-        "reward_final": tail_mean(rewards),
+        "reward_initial": window_mean(rewards, last=False),
+        "reward_final": window_mean(rewards, last=True),
         "reward_curve": rewards,
         "step_time_s": sum(r["step_time_s"] for r in records) / len(records),
         **detection_figures(records, attackers),
