@@ -19,10 +19,11 @@ Run (full default matrix, ~35 min on 2 CPU cores)::
 
 Output: both tables (markdown) on stdout, ``<out>/robustness.json`` (machine info, the
 resolved config and per-run figures of every run; rewritten after each run, so an
-interrupted benchmark keeps what it measured) and ``<out>/robust_training.png`` (reward
+interrupted benchmark keeps what it measured; ``--resume`` goes on from it) and ``<out>/robust_training.png`` (reward
 curves under attack; needs matplotlib). Run directories go to ``<out>/runs/<cell>``; an
-existing one is replaced. A run that fails (non-zero exit, timeout, no metrics) is recorded
-with its exit code and stderr tail and the benchmark goes on. Runs are deterministic:
+existing one is replaced; its stderr is kept beside it in ``<cell>.stderr.txt``. A run that
+fails (non-zero exit, timeout, missing metrics) is tried again ``--retries`` times, then
+recorded with its exit code and first traceback, and the benchmark goes on. Runs are deterministic:
 ``train.seed`` and the attack seed are fixed.
 """
 
@@ -94,11 +95,19 @@ def build_matrix(attacks: Iterable[str], rules: Iterable[str], fs: Iterable[int]
     return list(dict.fromkeys(cells))
 
 
+def error_excerpt(stderr: str, limit: int = 3000) -> str:
+    """The first Python traceback in ``stderr`` (torchrun's own summary names no cause), else its tail."""
+    start = stderr.find("Traceback (most recent call last)")
+    return stderr[start : start + limit] if start >= 0 else stderr[-limit:]
+
+
 def launch(cell: Cell, run_dir: Path, nproc: int, steps: int, seed: int, timeout: float) -> dict[str, Any]:
-    """Run one cell with torchrun (replacing ``run_dir``); returns exit code, wall time and,
-    on failure, the stderr tail. Never raises for a failed or timed-out run."""
+    """Run one cell with torchrun (replacing ``run_dir``; stderr kept in ``<run_dir>.stderr.txt``);
+    returns command, exit code (None on timeout), wall time and, on failure, the error.
+    Never raises for a failed or timed-out run."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "fedgspo.train", f"run.dir={run_dir}", *cell.overrides(nproc, steps, seed)]
     t0 = time.perf_counter()
@@ -107,8 +116,9 @@ def launch(cell: Cell, run_dir: Path, nproc: int, steps: int, seed: int, timeout
         rc, err = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired as exc:
         rc, err = None, f"timed out after {timeout:.0f} s\n{exc.stderr or ''}"
+    run_dir.with_name(run_dir.name + ".stderr.txt").write_text(str(err))
     return {"command": cmd, "returncode": rc, "wall_s": time.perf_counter() - t0,
-            "error": None if rc == 0 else str(err)[-3000:]}
+            "error": None if rc == 0 else error_excerpt(str(err))}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -159,16 +169,22 @@ def run_figures(records: list[dict[str, Any]], attackers: list[int]) -> dict[str
     }
 
 
-def run_cell(cell: Cell, runs_dir: Path, nproc: int, steps: int, seed: int, timeout: float) -> dict[str, Any]:
-    """Launch one cell and collect its figures; ``status`` is ``ok`` or ``failed``."""
-    run_dir = runs_dir / cell.name
-    launched = launch(cell, run_dir, nproc, steps, seed, timeout)
-    records = read_metrics(run_dir)
-    ok = launched["returncode"] == 0 and len(records) == steps
+def run_cell(cell: Cell, runs_dir: Path, nproc: int, steps: int, seed: int, timeout: float,
+             retries: int) -> dict[str, Any]:
+    """Launch one cell (again, up to ``retries`` times, while it fails) and collect its figures.
+    ``status`` is ``ok`` or ``failed``; ``failed_attempts`` keeps the errors of failed tries."""
+    run_dir, failures = runs_dir / cell.name, []
+    for _ in range(retries + 1):
+        launched = launch(cell, run_dir, nproc, steps, seed, timeout)
+        records = read_metrics(run_dir)
+        ok = launched["returncode"] == 0 and len(records) == steps
+        if ok:
+            break
+        failures.append({"returncode": launched["returncode"], "error": launched["error"]})
     config_path = run_dir / "config.yaml"
     return {
         **asdict(cell), "name": cell.name, "attackers": cell.attackers(nproc),
-        "status": "ok" if ok else "failed", **launched,
+        "status": "ok" if ok else "failed", **launched, "failed_attempts": failures,
         "config": yaml.safe_load(config_path.read_text()) if config_path.exists() else None,
         "figures": run_figures(records, cell.attackers(nproc)) if ok else None,
     }
@@ -268,6 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as failed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--quick", action="store_true", help="smoke check: sign_flip on mean and trimmed_mean, 20 steps")
+    parser.add_argument("--retries", type=int, default=1, help="extra tries of a failed run (default 1)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the successful runs of <out>/robustness.json; run the rest")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="run nothing: print the tables and plot of an earlier (possibly partial) robustness.json")
     return parser.parse_args(argv)
@@ -281,13 +300,26 @@ def matrix_of(args: argparse.Namespace) -> list[Cell]:
     return build_matrix(args.attacks or ALL_ATTACKS, args.rules or DEFAULT_RULES, args.f or [1], default)
 
 
+def finished_runs(json_path: Path) -> dict[str, dict[str, Any]]:
+    """The successful runs recorded in ``json_path`` by cell name (none if the file is missing)."""
+    if not json_path.exists():
+        return {}
+    return {r["name"]: r for r in json.loads(json_path.read_text())["runs"] if r["status"] == "ok"}
+
+
 def run_matrix(cells: list[Cell], args: argparse.Namespace, steps: int, json_path: Path) -> list[dict[str, Any]]:
-    """Run ``cells`` one after another, rewriting ``json_path`` after each run."""
+    """Run ``cells`` one after another, rewriting ``json_path`` after each run. With
+    ``args.resume``, cells that already succeeded in ``json_path`` are taken from it (the caller
+    keeps the settings unchanged between the two invocations)."""
     settings = {"nproc": args.nproc, "steps": steps, "seed": args.seed, "bench_overrides": list(BENCH_OVERRIDES)}
+    done = finished_runs(json_path) if args.resume else {}
     runs: list[dict[str, Any]] = []
     for i, cell in enumerate(cells, 1):
+        if cell.name in done:
+            runs.append(done[cell.name])
+            continue
         print(f"[{i}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
-        runs.append(run_cell(cell, args.out / "runs", args.nproc, steps, args.seed, args.timeout))
+        runs.append(run_cell(cell, args.out / "runs", args.nproc, steps, args.seed, args.timeout, args.retries))
         print(f"    {runs[-1]['status']} in {runs[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
         write_json(json_path, {"settings": settings, "runs": runs})
     return runs
