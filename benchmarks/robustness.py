@@ -8,9 +8,9 @@ Each run's ``metrics.jsonl`` yields both figures, so one set of runs fills two t
   active on every step: precision = flags on attackers / all flags, recall = flags on
   attackers / (|A| x steps). Clean runs report their false flags per step.
 * ``robust_training``: final reward (mean ``reward_mean`` of the last 10% of steps) per
-  attack and rule, as a fraction of the clean run of plain ``mean``.
+  attack and rule, as a fraction of the clean run of ``plain_mean`` (:data:`PLAIN_MEAN`).
 
-Run (full default matrix, ~35 min on 2 CPU cores)::
+Run (default matrix: 38 runs of 8 ranks, ~33 min on 2 CPU cores)::
 
     python benchmarks/robustness.py
     python benchmarks/robustness.py --quick                     # smoke check, ~3 min
@@ -49,7 +49,12 @@ from common import RESULTS, markdown_table, write_json  # noqa: E402
 ALL_ATTACKS = ("sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "alie", "ipm", "reward_flip")
 #: Attacks that change the update visibly (the detection target is >= 0.98 on these).
 OVERT = ("sign_flip", "scaled", "gaussian", "nan", "bit_flip")
-DEFAULT_RULES = ("mean", "median", "trimmed_mean")
+#: ``plain_mean``: ``mean`` with the defences the trainer lets one switch off switched off:
+#: f = n - 1 (flags never fail consensus) and no quarantine. Nonfinite updates are still left
+#: out (fedgspo.robust always does). ``mean`` itself keeps both defences.
+PLAIN_MEAN = "plain_mean"
+DEFAULT_RULES = (PLAIN_MEAN, "median", "trimmed_mean")
+NEVER = 10**9
 #: Extra cells of the default matrix: larger f for these attacks and rules.
 EXTRA_F, EXTRA_ATTACKS, EXTRA_RULES = (2, 3), ("sign_flip", "alie"), ("median", "trimmed_mean")
 #: Less work per rank than configs/default.yaml (2 prompts x 8 completions), so that 8 ranks
@@ -62,7 +67,8 @@ BENCH_OVERRIDES = (
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the matrix; ``attack`` None is the clean run. Attackers are the last ``f`` ranks."""
+    """One run of the matrix; ``attack`` None is the clean run. Attackers are the last ``f`` ranks
+    (the rule tolerates ``f``, except ``plain_mean``: see :data:`PLAIN_MEAN`)."""
 
     attack: str | None
     rule: str
@@ -75,10 +81,15 @@ class Cell:
     def attackers(self, nproc: int) -> list[int]:
         return [] if self.attack is None else list(range(nproc - self.f, nproc))
 
+    def rule_overrides(self, nproc: int) -> list[str]:
+        if self.rule == PLAIN_MEAN:
+            return ["aggregation.rule=mean", f"aggregation.f={nproc - 1}",
+                    f"aggregation.reputation.window={NEVER}", f"aggregation.reputation.quarantine_after={NEVER}"]
+        return [f"aggregation.rule={self.rule}", f"aggregation.f={self.f}"]
+
     def overrides(self, nproc: int, steps: int, seed: int) -> list[str]:
         """The run's ``key=value`` overrides on top of :data:`BENCH_OVERRIDES`."""
-        out = [*BENCH_OVERRIDES, f"train.max_steps={steps}", f"train.seed={seed}",
-               f"aggregation.rule={self.rule}", f"aggregation.f={self.f}"]
+        out = [*BENCH_OVERRIDES, f"train.max_steps={steps}", f"train.seed={seed}", *self.rule_overrides(nproc)]
         if self.attack is not None:
             out.append(f"attack={{kind: {self.attack}, ranks: {self.attackers(nproc)}, seed: {seed}}}")
         return out
@@ -86,12 +97,14 @@ class Cell:
 
 def build_matrix(attacks: Iterable[str], rules: Iterable[str], fs: Iterable[int], extra: bool) -> list[Cell]:
     """Clean runs (one per rule, at the smallest f) first, then attack x rule x f; with
-    ``extra`` also :data:`EXTRA_F` for :data:`EXTRA_ATTACKS` on :data:`EXTRA_RULES`."""
+    ``extra`` also :data:`EXTRA_F` for those of :data:`EXTRA_ATTACKS` and :data:`EXTRA_RULES`
+    in ``attacks`` and ``rules``."""
     attacks, rules, fs = list(attacks), list(rules), sorted(set(fs))
     cells = [Cell(None, rule, fs[0]) for rule in rules]
     cells += [Cell(a, rule, f) for f in fs for a in attacks for rule in rules]
     if extra:
-        cells += [Cell(a, rule, f) for f in EXTRA_F for a in EXTRA_ATTACKS for rule in EXTRA_RULES]
+        cells += [Cell(a, rule, f) for f in EXTRA_F for a in EXTRA_ATTACKS for rule in EXTRA_RULES
+                  if a in attacks and rule in rules]
     return list(dict.fromkeys(cells))
 
 
@@ -209,14 +222,16 @@ def detection_table(runs: list[dict[str, Any]]) -> str:
 
 
 def clean_reference(runs: list[dict[str, Any]]) -> float | None:
-    """Final reward of the clean ``mean`` run (else of any clean run); None if none finished."""
+    """Final reward of the clean ``plain_mean`` run, else ``mean``, else any clean run; None if
+    no clean run finished."""
     clean = [r for r in runs if r["attack"] is None and r["figures"]]
-    clean.sort(key=lambda r: r["rule"] != "mean")
+    clean.sort(key=lambda r: (r["rule"] != PLAIN_MEAN, r["rule"] != "mean"))
     return clean[0]["figures"]["reward_final"] if clean else None
 
 
 def training_table(runs: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (attack, f), one column per rule: final reward and % of clean mean."""
+    """Markdown: one row per (attack, f), one column per rule: reward first -> last 10% of steps
+    and the last as % of :func:`clean_reference`."""
     ref = clean_reference(runs)
     rules = list(dict.fromkeys(r["rule"] for r in runs))
     cells = {(r["attack"] or "clean", r["f"], r["rule"]): r["figures"] for r in runs}
@@ -277,13 +292,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=8, help="ranks per run (default 8)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 120; quick 20)")
     parser.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS, default=None, help="default: all")
-    parser.add_argument("--rules", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_RULES)}")
+    parser.add_argument("--rules", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_RULES)}; {PLAIN_MEAN} is mean without quarantine or consensus check")
     parser.add_argument("--f", type=int, nargs="+", default=None,
-                        help=f"default: 1, plus f={EXTRA_F} for {EXTRA_ATTACKS} on {EXTRA_RULES}")
+                        help=f"default: 1, plus f={EXTRA_F} for those of {EXTRA_ATTACKS} on {EXTRA_RULES} in the matrix")
     parser.add_argument("--seed", type=int, default=0, help="train.seed and attack seed")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as failed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    parser.add_argument("--quick", action="store_true", help="smoke check: sign_flip on mean and trimmed_mean, 20 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke check: sign_flip on plain_mean and trimmed_mean, 20 steps")
     parser.add_argument("--retries", type=int, default=1, help="extra tries of a failed run (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the successful runs of <out>/robustness.json; run the rest")
@@ -295,9 +310,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def matrix_of(args: argparse.Namespace) -> list[Cell]:
     """The cells the command line asks for (see :func:`parse_args`)."""
     if args.quick:
-        return build_matrix(args.attacks or ["sign_flip"], args.rules or ["mean", "trimmed_mean"], args.f or [1], False)
-    default = args.attacks is None and args.rules is None and args.f is None
-    return build_matrix(args.attacks or ALL_ATTACKS, args.rules or DEFAULT_RULES, args.f or [1], default)
+        return build_matrix(args.attacks or ["sign_flip"], args.rules or [PLAIN_MEAN, "trimmed_mean"], args.f or [1], False)
+    return build_matrix(args.attacks or ALL_ATTACKS, args.rules or DEFAULT_RULES, args.f or [1], args.f is None)
 
 
 def finished_runs(json_path: Path) -> dict[str, dict[str, Any]]:
@@ -328,7 +342,7 @@ def run_matrix(cells: list[Cell], args: argparse.Namespace, steps: int, json_pat
 def report(runs: list[dict[str, Any]], plot_path: Path) -> None:
     """Print both tables and write the plot."""
     print("## detection\n\n" + detection_table(runs) + "\n")
-    print("## robust_training (reward first 10% -> last 10% of steps; % of the clean mean run)\n\n"
+    print("## robust_training (reward first 10% -> last 10% of steps; % of the clean plain_mean run)\n\n"
           + training_table(runs) + "\n")
     plot = plot_curves(runs, plot_path)
     if plot:
