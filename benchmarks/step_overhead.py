@@ -67,7 +67,7 @@ def bare_loop(cfg: Config, ctx: DistContext) -> None:
                                 answer=[a for a in batch.answers for _ in range(g)])
             adv = group_advantages(torch.tensor(rewards), g)
         opt.zero_grad()
-        logps = completion_logps(model, roll, gspo.temperature)
+        logps, _ = completion_logps(model, roll, gspo.temperature)
         gspo_loss(logps, roll.old_logps, adv, roll.completion_mask,
                   epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high).backward()
         if dist.is_initialized():

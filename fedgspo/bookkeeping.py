@@ -111,9 +111,13 @@ class RunBookkeeper:
     # -- the calls the trainer makes -----------------------------------------------------------
 
     def start(self, *, name: str, cfg: Any, model_cfg: Any, vocab_size: int, weights_hash: str,
-              world_size: int, f: int, parent_checkpoint: UUID | None = None) -> None:
-        """Register config, dataset, model, run, detector and one reputation per rank."""
+              world_size: int, f: int, resumed_from: str | None = None) -> None:
+        """Register config, dataset, model, run, detector and one reputation per rank; or, when
+        the run resumes (``resumed_from``: the checkpoint's sha256) and the registry already
+        holds it, continue those entities, the next checkpoint descending from that one."""
         if not self.active:
+            return
+        if resumed_from and self._continue(name, resumed_from, cfg.train.max_steps):
             return
         gspo = cfg.gspo
         config, _dataset, model = self.registry.register_many([
@@ -135,11 +139,26 @@ class RunBookkeeper:
         self.registry.register(ByzantineDetectorEntity(
             rule=cfg.aggregation.rule, world_size=world_size, num_byzantine=f,
             z_threshold=cfg.aggregation.z_threshold))
-        reps = self.registry.register_many(ReputationEntity(rank=r) for r in range(world_size))
+        reps = self.registry.register_many(ReputationEntity(rank=r, run_id=run.lineage_id)
+                                           for r in range(world_size))
         self.run_id, self.model_id = run.lineage_id, model.lineage_id
         self._reputation_ids = {e.rank: e.lineage_id for e in reps}
-        self._last_checkpoint = parent_checkpoint
         self.bus.emit(TrainingStarted(run_id=run.lineage_id, total_steps=cfg.train.max_steps, rank=0))
+
+    def _continue(self, name: str, checkpoint_sha256: str, total_steps: int) -> bool:
+        runs = [r for r in self.registry.query(GSPOTrainingRunEntity) if r.name == name]
+        if not runs:
+            return False
+        run = runs[-1]
+        self.run_id, self.model_id = run.lineage_id, run.policy_model_id
+        self._reputation_ids = {e.rank: e.lineage_id
+                                for e in self.registry.query(ReputationEntity, run_id=run.lineage_id)}
+        parents = self.registry.query(ModelCheckpointEntity, checkpoint_hash=checkpoint_sha256)
+        self._last_checkpoint = parents[-1].lineage_id if parents else None
+        self.registry.update(self.run_id, lambda e: e.evolve(status="running", total_steps=total_steps),
+                             priority=OperationPriority.HIGH)
+        self.bus.emit(TrainingStarted(run_id=run.lineage_id, total_steps=total_steps, rank=0))
+        return True
 
     def step(self, step: int, record: dict[str, Any], z_scores: list[float],
              reputations: list[Any] | None = None) -> None:

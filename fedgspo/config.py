@@ -20,8 +20,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedgspo.aggregation_config import AggregationConfig
+from fedgspo.model import ModelConfig
+from fedgspo.task import TaskConfig
 from fedgspo.attacks import AttackConfig
+from fedgspo.auth import SecurityConfig
 from fedgspo.bookkeeping import BookkeepingConfig
+from fedgspo.checkpoint import CheckpointConfig
+from fedgspo.proof import ProofConfig
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line naming the field."""
@@ -39,63 +44,6 @@ class RunConfig(_Section):
     log_every: int = Field(50, gt=0, description="Steps between console summaries.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
     progress_bar: bool = Field(True, description="Show a progress bar on rank 0.")
-
-
-class ModelConfig(_Section):
-    """The policy: a tiny transformers causal LM built from these sizes, or a local directory."""
-
-    path: Path | None = Field(
-        None, description="Local transformers model directory; nothing is ever downloaded."
-    )
-    arch: Literal["llama", "qwen2"] = Field("llama", description="Architecture family.")
-    hidden_size: int = Field(64, gt=0)
-    intermediate_size: int = Field(256, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int | None = Field(None, gt=0, description="Default: num_heads (MHA).")
-    max_position_embeddings: int = Field(64, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
-            )
-        kv = self.num_kv_heads or self.num_heads
-        if self.num_heads % kv:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
-        return self
-
-
-class RewardFuncConfig(_Section):
-    """One reward function by registry name with its weight in the weighted sum."""
-
-    name: str
-    weight: float = 1.0
-
-
-class TaskConfig(_Section):
-    """The embedded synthetic task with verifiable rewards."""
-
-    name: Literal["copy", "reverse", "sort"] = "copy"
-    min_digits: int = Field(2, gt=0)
-    max_digits: int = Field(4, gt=0)
-    prompts_per_rank: int = Field(8, gt=0, description="Distinct prompts per rank and rollout.")
-    reward_funcs: list[RewardFuncConfig] = Field(
-        default_factory=lambda: [
-            RewardFuncConfig(name="digit_accuracy", weight=1.0),
-            RewardFuncConfig(name="length_match", weight=0.5),
-            RewardFuncConfig(name="exact_match", weight=0.5),
-        ],
-        min_length=1,
-    )
-
-    @model_validator(mode="after")
-    def _digit_range(self) -> "TaskConfig":
-        if self.min_digits > self.max_digits:
-            raise ValueError(f"min_digits ({self.min_digits}) > max_digits ({self.max_digits})")
-        return self
 
 
 class GSPOConfig(_Section):
@@ -144,6 +92,9 @@ class Config(_Section):
     aggregation: AggregationConfig = AggregationConfig()
     train: TrainConfig = TrainConfig()
     bookkeeping: BookkeepingConfig = BookkeepingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    security: SecurityConfig = SecurityConfig()
+    proof: ProofConfig = ProofConfig()
     attack: AttackConfig | None = Field(None, description="Simulated Byzantine ranks (testing only).")
 
     @model_validator(mode="after")
@@ -155,6 +106,14 @@ class Config(_Section):
                 f"model.max_position_embeddings ({self.model.max_position_embeddings}) < "
                 f"longest prompt + completion ({needed})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoints_between_rollouts(self) -> "Config":
+        # A checkpoint holds no rollout batch, so it must fall where a new rollout begins.
+        every, mu = self.checkpoint.every, self.gspo.num_iterations
+        if every % mu:
+            raise ValueError(f"checkpoint.every ({every}) must be a multiple of gspo.num_iterations ({mu})")
         return self
 
     def digest(self) -> str:

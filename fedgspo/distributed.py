@@ -56,8 +56,23 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistCont
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None,
+                                store=_attempt_store(rank, world_size, timeout_s), rank=rank,
+                                world_size=world_size)
     return DistContext(rank, world_size, local_rank, local_world_size, dev)
+
+
+def _attempt_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store, with keys scoped to this torchrun attempt.
+
+    torchrun keeps its store across restarts; without a per-attempt prefix, a restarted group
+    reads the previous attempt's connection addresses and fails to connect.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_store, timeout=timedelta(seconds=timeout_s))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"fedgspo/attempt{attempt}", store)
 
 
 def destroy_distributed() -> None:

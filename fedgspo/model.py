@@ -7,11 +7,40 @@ loaded with ``local_files_only=True``.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
-from fedgspo.config import ModelConfig
+
+class ModelConfig(BaseModel):
+    """The policy: a tiny transformers causal LM built from these sizes, or a local directory."""
+
+    path: Path | None = Field(
+        None, description="Local transformers model directory; nothing is ever downloaded."
+    )
+    arch: Literal["llama", "qwen2"] = Field("llama", description="Architecture family.")
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0, description="Default: num_heads (MHA).")
+    max_position_embeddings: int = Field(64, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        return self
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -100,12 +100,17 @@ def generate(
     )
 
 
-def completion_logps(model: PreTrainedModel, rollout: Rollout, temperature: float) -> torch.Tensor:
+def completion_logps(model: PreTrainedModel, rollout: Rollout, temperature: float,
+                     *, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, T)`` log-probs of the completion tokens under ``model`` (with gradient), at the
-    sampling temperature so they compare with ``rollout.old_logps``."""
+    sampling temperature so they compare with ``rollout.old_logps``; with ``hidden=True`` also
+    the detached ``(B, T, H)`` last-layer states at the completion tokens (for rollout proofs,
+    at no extra forward pass), else ``None``."""
     mask = rollout.attention_mask
-    logits = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask),
-                   use_cache=False).logits
-    start = rollout.prompt_length - 1
-    logits = logits[:, start:start + rollout.completion_ids.shape[1]].float() / temperature
-    return F.log_softmax(logits, dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask),
+                use_cache=False, output_hidden_states=hidden)
+    start, width = rollout.prompt_length - 1, rollout.completion_ids.shape[1]
+    logits = out.logits[:, start:start + width].float() / temperature
+    logps = F.log_softmax(logits, dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    states = out.hidden_states[-1][:, start + 1:start + 1 + width].detach().float() if hidden else None
+    return logps, states

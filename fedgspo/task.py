@@ -9,10 +9,45 @@ The tokenizer is character level and needs nothing from disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from fedgspo.config import TaskConfig
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+class RewardFuncConfig(BaseModel):
+    """One reward function by registry name with its weight in the weighted sum."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str
+    weight: float = 1.0
+
+
+class TaskConfig(BaseModel):
+    """The embedded synthetic task with verifiable rewards."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Literal["copy", "reverse", "sort"] = "copy"
+    min_digits: int = Field(2, gt=0)
+    max_digits: int = Field(4, gt=0)
+    prompts_per_rank: int = Field(8, gt=0, description="Distinct prompts per rank and rollout.")
+    reward_funcs: list[RewardFuncConfig] = Field(
+        default_factory=lambda: [
+            RewardFuncConfig(name="digit_accuracy", weight=1.0),
+            RewardFuncConfig(name="length_match", weight=0.5),
+            RewardFuncConfig(name="exact_match", weight=0.5),
+        ],
+        min_length=1,
+    )
+
+    @model_validator(mode="after")
+    def _digit_range(self) -> "TaskConfig":
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits ({self.min_digits}) > max_digits ({self.max_digits})")
+        return self
+
 
 _SPECIALS = ("<pad>", "<bos>", "<eos>")
 _CHARS = "0123456789=CRS"

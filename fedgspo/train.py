@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -43,7 +44,20 @@ from transformers.utils import logging as hf_logging
 from fedgspo.aggregators import build_aggregator
 from fedgspo.attacks import apply_attack, poison_rewards
 from fedgspo.bookkeeping import RunBookkeeper
-from fedgspo.checkpoint import save_checkpoint, write_json_atomic
+from fedgspo.audit import (
+    CHECKPOINT,
+    CHECKPOINT_SKIPPED,
+    DETECTION,
+    HOT_SWAP,
+    PROOF_FAILURE,
+    QUARANTINE,
+    RESUME,
+    RUN_END,
+    RUN_START,
+    AuditLog,
+)
+from fedgspo.auth import RequestInbox, load_keyring, poll_requests
+from fedgspo.checkpoint import CheckpointManager, save_checkpoint, write_json_atomic
 from fedgspo.config import Config, ConfigError, load_config
 from fedgspo.distributed import (
     DistContext,
@@ -55,10 +69,12 @@ from fedgspo.distributed import (
     gather_objects,
     init_distributed,
 )
+from fedgspo.faults import FaultInjector
 from fedgspo.gspo import GSPOStats, group_advantages, gspo_loss_and_stats
-from fedgspo.metrics import MetricsLogger
+from fedgspo.metrics import MetricsLogger, read_metrics
 from fedgspo.model import build_model, weights_sha256
 from fedgspo.pipeline import load_pipeline, run_pipeline
+from fedgspo.proof import RolloutClaim, build_proofs, cross_verify
 from fedgspo.rewards import WeightedReward
 from fedgspo.reputation import ReputationTracker
 from fedgspo.robust import RobustReport, robust_all_reduce
@@ -76,6 +92,7 @@ class RolloutBatch:
     rewards: torch.Tensor  # (B,)
     reward_parts: dict[str, float]  # mean of each reward function's raw score
     seconds: float
+    index: int  # rollout number (the task's step)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,8 +115,9 @@ def resolve_run_dir(cfg: Config, ctx: DistContext) -> Path:
     if ctx.is_main:
         name = cfg.run.name or time.strftime("gspo-%Y%m%d-%H%M%S")
         run_dir = cfg.run.dir or Path("runs") / name
-        if (run_dir / "metrics.jsonl").exists():
-            error = f"run.dir: {run_dir} already holds a run; pick another run.name or run.dir"
+        if (run_dir / "metrics.jsonl").exists() and cfg.checkpoint.resume != "auto":
+            error = (f"run.dir: {run_dir} already holds a run; pick another run.name or run.dir, "
+                     "or continue it with checkpoint.resume=auto")
     error, run_dir = broadcast_object((error, run_dir))
     if error:
         raise ConfigError(error)
@@ -138,14 +156,20 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.grads.params, lr=gspo.learning_rate, betas=(gspo.adam_beta1, gspo.adam_beta2),
             weight_decay=gspo.weight_decay)
-        # Rank 0's services; on other ranks these are no-ops.
+        # Rank 0's services; on other ranks these are no-ops or None.
         self.book = RunBookkeeper(cfg.bookkeeping, run_dir, rank=ctx.rank)
         self.logger = MetricsLogger(run_dir, cfg.run.tensorboard) if ctx.is_main else None
+        admin_key = self._admin_key()
+        self.audit = AuditLog(run_dir, key=admin_key) if ctx.is_main else None
+        self.inbox = (RequestInbox(run_dir, admin_key, self.audit, max_age_s=cfg.security.request_max_age_s)
+                      if ctx.is_main and admin_key else None)
+        self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint, rank=ctx.rank)
         # Hot-swappable parts: reward, aggregation rule, LR schedule.
+        # With keys, swaps come only as signed operator requests; without, from hotswap.json.
         self.swapper = build_swapper(
             reward=WeightedReward.from_names([(r.name, r.weight) for r in cfg.task.reward_funcs]),
             aggregator=agg.rule, lr_schedule=gspo.lr_scheduler_type,
-            run_dir=run_dir if ctx.is_main else None, bus=self.book.bus, device=ctx.device)
+            run_dir=run_dir if ctx.is_main and admin_key is None else None, bus=self.book.bus, device=ctx.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: self.swapper["lr_schedule"](s, cfg.train.max_steps, gspo.warmup_steps))
         # Robust aggregation and whom to trust.
@@ -157,6 +181,11 @@ class Trainer:
         self.sampler = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 9973 + ctx.rank)
         self.summary: dict | None = None  # set on rank 0 by finish()
         self.step = 0
+        self.batch: RolloutBatch | None = None  # the rollout the current steps train on
+        self.proving = cfg.proof.rate > 0 and ctx.world_size > 1
+        self.proof_failed: list[int] = []  # ranks whose rollout proofs failed for the current batch
+        self.stop_requested = False
+        self.faults = FaultInjector(ctx.rank)
         if ctx.is_main and ctx.world_size > 1 and self.f == 0 and self.rule != "mean":
             tqdm.write(f"note: {ctx.world_size} ranks leave {self.rule} no Byzantine tolerance "
                        f"(f=0); use 3+ ranks for f=1", file=sys.stderr)
@@ -181,20 +210,39 @@ class Trainer:
         # A reward_flip attacker trains on poisoned rewards; the true ones are logged.
         trained_on = poison_rewards(self.attack, rewards_t, rank, rollout_index)
         advantages = group_advantages(trained_on, repeat, scale=gspo.scale_rewards)
-        return RolloutBatch(rollout, advantages, rewards_t,
-                            {k: sum(v) / len(v) for k, v in parts.items()}, time.perf_counter() - t0)
+        return RolloutBatch(rollout, advantages, rewards_t, {k: sum(v) / len(v) for k, v in parts.items()},
+                            time.perf_counter() - t0, rollout_index)
 
-    def compute_gradients(self, batch: RolloutBatch) -> tuple[torch.Tensor, GSPOStats]:
-        """GSPO loss of the batch under the current policy, back-propagated into the buffer."""
+    def compute_gradients(self, batch: RolloutBatch, *, prove: bool) -> tuple[torch.Tensor, GSPOStats]:
+        """GSPO loss of the batch under the current policy, back-propagated into the buffer.
+        With ``prove`` (the first update of a rollout), the same forward's hidden states make
+        this rank's rollout proofs, which the ranks then check for one another."""
         gspo = self.cfg.gspo
         self.grads.zero()
-        logps = completion_logps(self.model, batch.rollout, gspo.temperature)
+        logps, hidden = completion_logps(self.model, batch.rollout, gspo.temperature, hidden=prove)
+        if prove:
+            self.verify_rollouts(batch, hidden)
         loss, stats = gspo_loss_and_stats(
             logps, batch.rollout.old_logps, batch.advantages, batch.rollout.completion_mask,
             epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, level=gspo.importance_sampling_level,
             ref_logps=None, beta=0.0)
         loss.backward()
         return loss.detach(), stats
+
+    def verify_rollouts(self, batch: RolloutBatch, hidden: torch.Tensor) -> None:
+        """Commit to this rank's rollout and check a sampled part of a neighbour's (collective).
+        Ranks whose proofs fail are left out of aggregation until their next rollout."""
+        roll, tok = batch.rollout, self.task.tokenizer
+        claim = RolloutClaim(roll.input_ids, roll.attention_mask, roll.completion_mask, roll.old_logps,
+                             roll.prompt_length, build_proofs(hidden, roll.completion_mask, self.cfg.proof))
+        result = cross_verify(
+            self.model, claim, step=batch.index, cfg=self.cfg.proof, temperature=self.cfg.gspo.temperature,
+            eos_id=tok.eos_id, pad_id=tok.pad_id,
+            expected_prompt_ids=lambda r: self.task.sample(r, batch.index).input_ids.repeat_interleave(
+                self.cfg.gspo.num_generations, dim=0))
+        self.proof_failed = result.failed
+        for r in result.failed:
+            self._audit(PROOF_FAILURE, {"subject_rank": r, "rollout": batch.index}, rank=r)
 
     def aggregate(self, step: int) -> RobustReport:
         """Replace this rank's gradient by the robust aggregate of all ranks' (in place), then
@@ -203,8 +251,16 @@ class Trainer:
         agg = self.cfg.aggregation
         report = robust_all_reduce(
             self.grads.buffer, **{**agg.all_reduce_kwargs(), "rule": self.rule, "f": self.f},
-            weights=self.reputation.weights(agg.trust_weighted))
+            weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed)
+        if self.proof_failed:
+            report = dataclasses.replace(report, flagged=sorted(set(report.flagged) | set(self.proof_failed)))
+        was_quarantined = set(self.reputation.quarantined())
         self.reputation.update(report)
+        for r in report.flagged:
+            self._audit(DETECTION, {"subject_rank": r, "z": report.z_scores[r] if r < len(report.z_scores) else None,
+                                    "nonfinite": r in report.nonfinite}, rank=r)
+        for r in set(self.reputation.quarantined()) - was_quarantined:
+            self._audit(QUARANTINE, {"subject_rank": r, "trust": self.reputation.ranks[r].trust}, rank=r)
         return report
 
     def optimizer_step(self, report: RobustReport) -> torch.Tensor:
@@ -221,14 +277,69 @@ class Trainer:
         self.scheduler.step()
         return grad_norm
 
-    def apply_swaps(self, step: int) -> None:
-        """At a step boundary, on every rank: apply pending hot swaps from rank 0."""
+    def apply_operator_actions(self, step: int) -> None:
+        """At a step boundary, on every rank (collective): signed operator requests (stop,
+        quarantine, hot swap), then pending hot swaps, all from rank 0."""
+        for request in poll_requests(self.inbox, step):
+            if request.action == "stop":
+                self.stop_requested = True
+            elif request.action == "quarantine":
+                rank = int(request.args["rank"])
+                self.reputation.ranks[rank].quarantined = True
+                self._audit(QUARANTINE, {"subject_rank": rank, "by": "operator"}, rank=rank)
+            elif request.action == "hotswap":
+                for slot, name in request.args["swaps"].items():
+                    self.swapper.request(slot, name)
         swaps = self.swapper.sync(step)
+        if swaps:
+            self._audit(HOT_SWAP, swaps)
         if "aggregator" in swaps:
             self.rule = swaps["aggregator"]
             self.f = tolerated_f(self.rule, self.cfg.aggregation.f, self.ctx.world_size)
         if swaps and self.ctx.is_main:
             tqdm.write(f"step {step}: hot swap {swaps}", file=sys.stderr)
+
+    def save_checkpoint(self, step: int, record: dict) -> None:
+        """Every ``checkpoint.every`` steps (collective): model, optimizer, schedule, RNG and
+        reputation; rank 0 audits it and registers it as the child of the previous one."""
+        info = self.checkpoints.maybe_save(
+            step, self.model, self.optimizer, self.scheduler,
+            {"reputation": self.reputation.state_dict(), "rule": self.rule}, {"sampler": self.sampler})
+        if info is None:
+            return
+        self._audit(CHECKPOINT, {"path": str(info.path), "sha256": info.sha256,
+                                 "weights_sha256": info.weights_sha256, "parent": info.parent})
+        self.book.checkpoint(info.path, info.step, info.sha256, {"reward_mean": record["reward_mean"]})
+
+    def resume(self) -> int:
+        """Restore the newest verified checkpoint when ``checkpoint.resume`` asks for one
+        (collective); returns the step to continue from (0 for a fresh start)."""
+        resumed = self.checkpoints.load_latest_verified(self.model, self.optimizer, self.scheduler,
+                                                        {"sampler": self.sampler})
+        for path, reason in self.checkpoints.skipped:
+            self._audit(CHECKPOINT_SKIPPED, {"path": path, "reason": reason})
+            if self.ctx.is_main:
+                tqdm.write(f"warning: skipped corrupt checkpoint {path}: {reason}", file=sys.stderr)
+        if resumed is None:
+            return 0
+        self.reputation.load_state_dict(resumed.extra_state["reputation"])
+        self.rule = resumed.extra_state["rule"]
+        self.f = tolerated_f(self.rule, self.cfg.aggregation.f, self.ctx.world_size)
+        self._audit(RESUME, {"path": str(resumed.info.path), "sha256": resumed.info.sha256}, step=resumed.info.step)
+        if self.ctx.is_main:
+            tqdm.write(f"resumed from {resumed.info.path} (step {resumed.info.step})", file=sys.stderr)
+        return resumed.info.step
+
+    def _admin_key(self) -> bytes | None:
+        """The run's admin key from ``security.key_file`` (rank 0 only holds it), else None."""
+        if self.cfg.security.key_file is None or not self.ctx.is_main:
+            return None
+        keyring = load_keyring(self.cfg.security.key_file)
+        return keyring.admin_key() if keyring.admin else None
+
+    def _audit(self, kind: str, payload: dict, *, step: int | None = None, rank: int = 0) -> None:
+        if self.audit is not None:
+            self.audit.append(kind, payload, step=self.step if step is None else step, rank=rank)
 
     def summarise(self, step: int, batch: RolloutBatch, loss: torch.Tensor, stats: GSPOStats,
                   grad_norm: torch.Tensor, report: RobustReport, times: dict[str, float]) -> dict:
@@ -254,6 +365,55 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def train(self) -> list[dict]:
+        """The loop: resume, then one recipe per optimizer step until ``max_steps`` or a stop."""
+        cfg, ctx = self.cfg, self.ctx
+        first = self.resume()
+        self.start(first)
+        bar = tqdm(total=cfg.train.max_steps, initial=first, desc="gspo", dynamic_ncols=True,
+                   disable=not (ctx.is_main and cfg.run.progress_bar))
+        history: list[dict] = []
+        for step in range(first, cfg.train.max_steps):
+            self.step = step
+            record = self.evaluate() if cfg.train.evaluate_only else self.train_step(step)
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+            if ctx.is_main and ((step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps):
+                tqdm.write(console_line(record, cfg.train.max_steps), file=sys.stderr)
+            if self.stop_requested:
+                self.checkpoints.save(step + 1, self.model, self.optimizer, self.scheduler,
+                                      {"reputation": self.reputation.state_dict(), "rule": self.rule},
+                                      {"sampler": self.sampler})
+                break
+        bar.close()
+        self.finish(history, first)
+        return history
+
+    def train_step(self, step: int) -> dict:
+        """Rollout (every ``num_iterations`` steps), gradients, robust aggregation, optimizer
+        step, then rank 0's records, checkpoint and operator actions at the step boundary."""
+        self.faults.check(step)
+        mu = self.cfg.gspo.num_iterations
+        times: dict[str, float] = {}
+        with timed(times, "rollout"):
+            if step % mu == 0:
+                self.batch = self.collect(step // mu)
+        with timed(times, "backward"):
+            loss, stats = self.compute_gradients(self.batch, prove=step % mu == 0 and self.proving)
+        with timed(times, "aggregate"):
+            report = self.aggregate(step)
+        with timed(times, "optimizer"):
+            grad_norm = self.optimizer_step(report)
+        record = self.summarise(step, self.batch, loss, stats, grad_norm, report, times)
+        self.book.step(step, record, report.z_scores, self.reputation.ranks)
+        if self.logger:
+            self.logger.log(record)
+        self.save_checkpoint(step + 1, record)
+        if (step + 1) % self.cfg.bookkeeping.hotswap_every == 0:
+            self.apply_operator_actions(step + 1)
+        return record
+
     def evaluate(self) -> dict:
         """One rollout on this step's prompts with no update: the reward figures only."""
         t0 = time.perf_counter()
@@ -261,63 +421,29 @@ class Trainer:
         lengths = batch.rollout.completion_mask.sum(-1)
         local = torch.stack([batch.rewards.mean(), (batch.rewards ** 2).mean(), lengths.mean()]).float()
         mean, sq, length = all_reduce_mean(local).tolist()
-        return {"step": self.step, "reward_mean": mean, "reward_std": max(sq - mean ** 2, 0.0) ** 0.5,
-                "loss": 0.0, "clip_frac": 0.0, "completion_len": length, "flagged": [], "quarantined": [],
-                "step_time_s": time.perf_counter() - t0}
+        record = {"step": self.step, "reward_mean": mean, "reward_std": max(sq - mean ** 2, 0.0) ** 0.5,
+                  "loss": 0.0, "clip_frac": 0.0, "completion_len": length, "flagged": [], "quarantined": [],
+                  "step_time_s": time.perf_counter() - t0}
+        self.book.step(self.step, record, [])
+        if self.logger:
+            self.logger.log(record)
+        return record
 
-    def train(self) -> list[dict]:
-        cfg, mu, ctx = self.cfg, self.cfg.gspo.num_iterations, self.ctx
-        self.start()
-        bar = tqdm(total=cfg.train.max_steps, desc="gspo", dynamic_ncols=True,
-                   disable=not (ctx.is_main and cfg.run.progress_bar))
-        history: list[dict] = []
-        batch: RolloutBatch | None = None
-        for step in range(cfg.train.max_steps):
-            self.step = step
-            if cfg.train.evaluate_only:
-                record = self.evaluate()
-                self.book.step(step, record, [])
-                if self.logger:
-                    self.logger.log(record)
-                history.append(record)
-                bar.update(1)
-                continue
-            times: dict[str, float] = {}
-            with timed(times, "rollout"):
-                if step % mu == 0:
-                    batch = self.collect(step // mu)
-            with timed(times, "backward"):
-                loss, stats = self.compute_gradients(batch)
-            with timed(times, "aggregate"):
-                report = self.aggregate(step)
-            with timed(times, "optimizer"):
-                grad_norm = self.optimizer_step(report)
-            record = self.summarise(step, batch, loss, stats, grad_norm, report, times)
-            with timed(times, "bookkeeping"):
-                self.book.step(step, record, report.z_scores, self.reputation.ranks)
-                if self.logger:
-                    self.logger.log(record)
-                if (step + 1) % cfg.bookkeeping.hotswap_every == 0:
-                    self.apply_swaps(step + 1)
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
-            if ctx.is_main and ((step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps):
-                tqdm.write(console_line(record, cfg.train.max_steps), file=sys.stderr)
-        bar.close()
-        self.finish(history)
-        return history
-
-    def start(self) -> None:
-        """Rank 0 writes the resolved config and registers the run's entities."""
+    def start(self, first_step: int) -> None:
+        """Rank 0 writes the resolved config, audits the start and registers the run."""
+        weights = weights_sha256(self.model)
         if self.ctx.is_main:
             (self.run_dir / "config.yaml").write_text(
                 yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        self._audit(RUN_START, {"config_sha256": self.cfg.digest(), "world_size": self.ctx.world_size,
+                                "weights_sha256": weights, "first_step": first_step}, step=first_step)
+        parent = self.checkpoints.parent
         self.book.start(name=self.run_dir.name, cfg=self.cfg, model_cfg=self.cfg.model,
-                        vocab_size=self.task.tokenizer.vocab_size, weights_hash=weights_sha256(self.model),
-                        world_size=self.ctx.world_size, f=self.f)
+                        vocab_size=self.task.tokenizer.vocab_size, weights_hash=weights,
+                        world_size=self.ctx.world_size, f=self.f,
+                        resumed_from=parent.sha256 if parent else None)
 
-    def finish(self, history: list[dict]) -> None:
+    def finish(self, history: list[dict], first_step: int) -> None:
         """Every rank reports its weights hash (they must agree); rank 0 writes the final
         checkpoint and ``summary.json`` and closes the run's entities."""
         weights = weights_sha256(self.model)
@@ -326,15 +452,18 @@ class Trainer:
             return
         if len(set(per_rank)) > 1:
             tqdm.write(f"warning: ranks ended with different weights: {per_rank}", file=sys.stderr)
+        steps = first_step + len(history)
         final = save_checkpoint(self.run_dir / "checkpoints" / "final", self.model,
-                                step=len(history), metadata={"weights_sha256": weights})
-        window = min(10, len(history))
-        first = sum(r["reward_mean"] for r in history[:window]) / window
-        last = sum(r["reward_mean"] for r in history[-window:]) / window
-        self.book.checkpoint(final, len(history), weights, {"reward_mean": last})
-        self.book.finish("completed", weights, step=len(history), reputations=self.reputation.ranks)
+                                step=steps, metadata={"weights_sha256": weights})
+        # The whole run's curve, across resumes: the last record of each step wins.
+        curve = list({r["step"]: r["reward_mean"] for r in read_metrics(self.run_dir)}.values())
+        window = min(10, len(curve))
+        first, last = sum(curve[:window]) / window, sum(curve[-window:]) / window
+        self.book.checkpoint(final, steps, weights, {"reward_mean": last})
+        self.book.finish("completed", weights, step=steps, reputations=self.reputation.ranks)
+        self._audit(RUN_END, {"weights_sha256": weights, "final_checkpoint": str(final)}, step=steps)
         self.summary = {
-            "steps": len(history), "world_size": self.ctx.world_size,
+            "steps": steps, "world_size": self.ctx.world_size, "resumed_at": first_step,
             "reward_first10": first, "reward_last10": last, "weights_sha256": weights,
             "weights_sha256_per_rank": per_rank, "final_checkpoint": str(final),
             "config_sha256": self.cfg.digest(), "seconds": sum(r["step_time_s"] for r in history),

@@ -30,7 +30,7 @@ def test_recorded_logps_match_full_forward():
     for temperature in (1.0, 0.7):
         r = _rollout(model, task, tok, temperature=temperature)
         with torch.no_grad():
-            full = completion_logps(model, r, temperature)
+            full, _ = completion_logps(model, r, temperature)
         mask = r.completion_mask.bool()
         assert torch.allclose(full[mask], r.old_logps[mask], atol=1e-5)
         assert torch.all(r.old_logps[~mask] == 0)

@@ -155,9 +155,10 @@ class ByzantineDetectorEntity(Entity):
 
 
 class ReputationEntity(Entity):
-    """Trust in one rank: one lineage per rank, updated at step boundaries."""
+    """Trust in one rank of one run: one lineage per (run, rank), updated at step boundaries."""
 
     rank: int = Field(ge=0)
+    run_id: UUID | None = Field(None, description="lineage_id of the TrainingRunEntity.")
     trust_score: float = Field(1.0, ge=0, le=1)
     flag_count: int = Field(0, ge=0)
     clean_count: int = Field(0, ge=0)
