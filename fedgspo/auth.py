@@ -233,15 +233,18 @@ def _as_bytes(tag: torch.Tensor | bytes) -> bytes:
 def exchange_tags(tags: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """All-gather every rank's ``(n, 32)`` tags into ``(n, n, 32)`` indexed ``[sender, receiver]``.
 
-    Collective over ``group`` (``n * n * 32`` bytes; tags are not secret). Single process:
-    returns ``tags[None]``. Failure: collective errors propagate (the step cannot continue).
+    Collective over ``group`` (``n * n * 32`` bytes; tags are not secret; on the current CUDA
+    device for an nccl group, returned on the CPU). Single process: returns ``tags[None]``.
+    Failure: collective errors propagate (the step cannot continue).
     """
     if not dist.is_initialized():
         return tags.unsqueeze(0)
     n = dist.get_world_size(group)
-    out = torch.empty(n * tags.numel(), dtype=torch.uint8)
-    _all_gather(out, tags.contiguous().view(-1), group=group)
-    return out.view(n, *tags.shape)
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    out = torch.empty(n * tags.numel(), dtype=torch.uint8, device=device)
+    _all_gather(out, tags.contiguous().view(-1).to(device), group=group)
+    return out.view(n, *tags.shape).cpu()
 
 
 def verify_gathered(auth: UpdateAuthenticator, gathered: torch.Tensor | Sequence[torch.Tensor], step: int,

@@ -38,6 +38,24 @@ Call protocol and failure behaviour:
   gradient still moves momentum-based optimizers) or stop.
 * Single process (``torch.distributed`` not initialised, or a group of one): the tensor is
   left as is and a trivial report returned.
+
+Authenticated updates: with ``authenticator=`` (a :class:`fedgspo.auth.UpdateAuthenticator`
+for this rank's group rank) and ``step=``, every message of the data exchange is checked
+against an HMAC tag bound to (run, step, sender, receiver, shard). Right after the
+``all_to_all`` (sharded, audited) each rank signs the ``n`` shards it sent and verifies the
+shards it received; in replicated mode each rank signs its full update and verifies the
+gathered ones. The tags travel in one tiny ``all_gather`` (``n * n * 32`` bytes) and the
+senders rejected by *any* rank are agreed on by one ``all_reduce(MAX)`` of an ``n``-long
+mask, before anything is aggregated. Those senders (tampered, forged, replayed from another
+step, or carrying another rank's tag) are left out exactly like ``exclude`` ranks, always
+flagged, and listed in ``report.auth_failed``; too few remaining ranks is a consensus
+failure. The caller should audit them (:func:`fedgspo.auth.audit_auth_failures`). The cost
+is sha256 over the bytes each rank sends and receives (hashed in place) plus those two tiny
+collectives; without an authenticator nothing changes. Every rank passes an authenticator
+with the same ``step``, or none does (checked up front: ``ValueError`` on every rank). A
+rank can accuse any sender, so a Byzantine *receiver* can get honest senders excluded: that
+costs the aggregate those ranks (or the step, when too few remain), while the rule's bound
+on the ranks kept still holds.
 """
 
 from __future__ import annotations
@@ -53,6 +71,7 @@ import torch
 import torch.distributed as dist
 
 from fedgspo.aggregators import Aggregator, build_aggregator
+from fedgspo.auth import AuthError, UpdateAuthenticator, exchange_tags, verify_shards
 from fedgspo.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
 from fedgspo.shard_exchange import AggregationPlan, all_gather_single, replicated, sharded
 
@@ -79,6 +98,8 @@ class RobustReport:
         consensus_failed: the result is unusable; the tensor was zeroed; skip the step.
         reason: why consensus failed ("" otherwise).
         audit_mismatches: ranks whose shard disagreed with its auditor (audited mode).
+        auth_failed: senders whose update failed authentication on some rank (always
+            flagged and excluded; empty without an authenticator).
         rule, mode, world_size: what was run.
     """
 
@@ -95,6 +116,7 @@ class RobustReport:
     consensus_failed: bool = False
     reason: str = ""
     audit_mismatches: list[int] = field(default_factory=list)
+    auth_failed: list[int] = field(default_factory=list)
     rule: str = ""
     mode: str = ""
     world_size: int = 1
@@ -125,10 +147,15 @@ def _local_plan(
     weights: Sequence[float] | None,
     pre: Sequence[str],
     options: dict[str, float | int],
+    auth: UpdateAuthenticator | None = None,
+    step: int | None = None,
+    rank: int = 0,
 ) -> tuple[Aggregator | None, torch.Tensor, str]:
     """Build the rule and this rank's metadata row; returns (rule, weights, local error)."""
     w = torch.ones(n, dtype=torch.float64)
     try:
+        if auth is not None:
+            _check_authenticator(auth, step, n, rank)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
         if tensor.dtype not in _DTYPE_CODES:
@@ -142,6 +169,23 @@ def _local_plan(
         return _cached_aggregator(rule, f, pre, options), w, ""
     except ValueError as err:
         return None, w, str(err)
+
+
+def _check_authenticator(auth: UpdateAuthenticator, step: int | None, n: int, rank: int) -> None:
+    """``ValueError`` unless ``auth`` can sign and verify every message of this call."""
+    if step is None or isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"an authenticator needs an integer step, got {step!r}")
+    if auth.world_size != n or auth.rank != rank:
+        raise ValueError(
+            f"authenticator is for rank {auth.rank} of {auth.world_size}, but this is rank {rank} of {n}"
+        )
+    try:
+        for other in range(n):
+            if other != rank:
+                auth.keyring.pair(rank, other)
+                auth.keyring.pair(other, rank)
+    except AuthError as err:
+        raise ValueError(str(err)) from None
 
 
 def _agree(
@@ -200,7 +244,7 @@ def _judge(
     n = plan.n
     stats = statistics_from_sums(sums[:n], sums[n : 2 * n], float(sums[2 * n]))
     det = detect(stats, z_threshold)
-    flagged = sorted(set(det.flagged) | set(plan.nonfinite))
+    flagged = sorted(set(det.flagged) | set(plan.nonfinite) | set(plan.auth_failed))
     reason = ""
     if exclude_flagged and set(flagged) & set(keep):
         keep = [r for r in keep if r not in flagged]
@@ -227,6 +271,7 @@ def _judge(
         weights=[float(plan.weights[r]) if r in keep else 0.0 for r in range(n)],
         consensus_failed=bool(reason),
         reason=reason,
+        auth_failed=list(plan.auth_failed),
         rule=plan.agg.spec(),
         mode=mode,
         world_size=n,
@@ -239,7 +284,7 @@ def _failed_report(plan: AggregationPlan, mode: str, reason: str) -> RobustRepor
     return RobustReport(
         distances=nan,
         z_scores=nan,
-        flagged=plan.nonfinite,
+        flagged=sorted(set(plan.nonfinite) | set(plan.auth_failed)),
         cosines=nan,
         norms=nan,
         z_cosine=nan,
@@ -249,10 +294,47 @@ def _failed_report(plan: AggregationPlan, mode: str, reason: str) -> RobustRepor
         weights=[0.0] * plan.n,
         consensus_failed=True,
         reason=reason,
+        auth_failed=list(plan.auth_failed),
         rule=plan.agg.spec(),
         mode=mode,
         world_size=plan.n,
     )
+
+
+def _authenticate(
+    plan: AggregationPlan, auth: UpdateAuthenticator, step: int, group: dist.ProcessGroup | None, mode: str
+):
+    """The ``verify`` hook of :mod:`fedgspo.shard_exchange`: check the tags of what this rank
+    received, agree on the failed senders (``all_reduce(MAX)`` of an ``n`` mask) and drop them
+    from ``plan.keep``; a failed report if too few ranks remain."""
+
+    def verify(sent: torch.Tensor, received: torch.Tensor) -> RobustReport | None:
+        if mode == "replicated":
+            # Sign the update this rank sent (not its row as gathered back), then check the others.
+            tags = exchange_tags(auth.sign_full(sent, step), group)
+            local = [i for i in range(plan.n)
+                     if i != auth.rank and not auth.verify_full(received[i], i, step, tags[i, auth.rank])]
+        else:
+            local = verify_shards(auth, sent, received, step, group)
+        mask = torch.zeros(plan.n, dtype=torch.float64, device=received.device)
+        if local:
+            mask[torch.tensor(local, device=received.device)] = 1.0
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
+        failed = [r for r, v in enumerate(mask.cpu().tolist()) if v > 0]
+        if not failed:
+            return None
+        plan.auth_failed = failed
+        plan.keep = [r for r in plan.keep if r not in failed]
+        if _tolerates(plan.agg, len(plan.keep)):
+            return None
+        return _failed_report(
+            plan,
+            mode,
+            f"after excluding ranks {failed} whose updates failed authentication, "
+            f"{len(plan.keep)} usable ranks are too few for {plan.agg.spec()}",
+        )
+
+    return verify
 
 
 def _audit_failure(report: RobustReport, mismatches: list[int]) -> RobustReport:
@@ -275,6 +357,8 @@ def robust_all_reduce(
     weights: Sequence[float] | None = None,
     exclude_flagged: bool = False,
     pre: Sequence[str] = (),
+    authenticator: UpdateAuthenticator | None = None,
+    step: int | None = None,
     **rule_options: float | int,
 ) -> RobustReport:
     """Replace ``tensor`` in place, on every rank, by the robust aggregate of all ranks' tensors.
@@ -291,6 +375,11 @@ def robust_all_reduce(
             form (mean, geometric median, centered clipping) use the values.
         exclude_flagged: re-aggregate without the ranks flagged in this call.
         pre: pre-aggregation steps (``"nnm"``, ``"bucketing"``).
+        authenticator: this rank's :class:`fedgspo.auth.UpdateAuthenticator` (its ``rank``
+            is the rank in ``group``); authenticates every exchanged update (module
+            docstring). None (default): no authentication, no extra cost.
+        step: the training step the tags are bound to (required with ``authenticator``;
+            the same on every rank); a tag made for another step does not verify.
         rule_options: the rule's (and bucketing's) further arguments.
 
     Returns:
@@ -306,7 +395,11 @@ def robust_all_reduce(
     config_text = repr(
         (rule, mode, sorted(options.items()), list(pre), sorted(exclude), weights, z_threshold, exclude_flagged)
     )
-    agg, w, error = _local_plan(tensor, rule, f, n, mode, exclude, weights, pre, options)
+    if authenticator is not None:
+        config_text += repr(("auth", step))
+    agg, w, error = _local_plan(
+        tensor, rule, f, n, mode, exclude, weights, pre, options, authenticator, step, dist.get_rank(group)
+    )
     with torch.no_grad():
         agg, meta = _agree(tensor, f, agg, error, config_text, group)
         nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, _SQ_NORM])]
@@ -314,13 +407,14 @@ def robust_all_reduce(
         plan = AggregationPlan(agg, n, keep, w, nonfinite, agg.next_round())
         flat = tensor.reshape(-1)
         judge = functools.partial(_judge, plan, z_threshold=z_threshold, exclude_flagged=exclude_flagged, mode=mode)
+        verify = None if authenticator is None else _authenticate(plan, authenticator, step, group, mode)
         if not _tolerates(agg, len(keep)):
             report, result = _failed_report(plan, mode, f"{len(keep)} usable ranks are too few for {agg.spec()}"), None
         else:
             if mode == "replicated":
-                report, result, mismatches = replicated(plan, flat, group, judge)
+                report, result, mismatches = replicated(plan, flat, group, judge, verify)
             else:
-                report, result, mismatches = sharded(plan, flat, group, judge, audited=mode == "audited")
+                report, result, mismatches = sharded(plan, flat, group, judge, audited=mode == "audited", verify=verify)
             if mismatches:
                 report = _audit_failure(report, mismatches)
         if result is None:

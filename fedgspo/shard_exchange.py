@@ -15,6 +15,13 @@ whose shard failed its audit (always empty unless audited; non-empty means no re
 * :func:`replicated`: ``all_gather_single`` of the full updates; every rank aggregates
   everything (no trust in other ranks' computation).
 
+Both take an optional ``verify`` hook, called right after the data exchange and before any
+aggregation with what this rank sent and received (sharded: the ``(n, s)`` or ``(n, 2, s)``
+send and receive buffers; replicated: this rank's flat update and the ``(n, d)`` stack). It
+is collective, may narrow ``plan.keep`` (identically on every rank) and returns a verdict to
+stop with (consensus failure, no result) or None to go on. :mod:`fedgspo.robust` uses it
+for authenticated updates.
+
 Buffers for the exchanges are cached per shape (a few entries), so a steady training loop
 allocates nothing large per call. Failure behaviour: collectives raise whatever the backend
 raises; every branch below is taken identically on every rank (decisions only depend on
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import torch
@@ -45,6 +52,8 @@ class AggregationPlan:
         agg: the rule. n: world size. keep: ranks aggregated (sorted).
         weights: float64 ``(n,)`` weights. nonfinite: ranks with NaN/Inf updates.
         round: call counter of ``agg`` (same on every rank).
+        auth_failed: senders whose update failed authentication (set by a ``verify`` hook;
+            left out of ``keep``).
     """
 
     agg: Aggregator
@@ -53,6 +62,7 @@ class AggregationPlan:
     weights: torch.Tensor
     nonfinite: list[int]
     round: int
+    auth_failed: list[int] = field(default_factory=list)
 
 
 class Verdict(Protocol):
@@ -63,6 +73,8 @@ V = TypeVar("V", bound=Verdict)
 #: ``judge(global_sums, keep) -> (verdict, keep_after)``; a different ``keep_after`` asks for
 #: re-aggregation without the dropped ranks.
 Judge = Callable[[torch.Tensor, list[int]], tuple[V, list[int]]]
+#: ``verify(sent, received) -> verdict | None`` (collective; see the module docstring).
+Verify = Callable[[torch.Tensor, torch.Tensor], V | None]
 
 
 def aggregate_rows(plan: AggregationPlan, stack: torch.Tensor, keep: list[int], ctx: ShardContext) -> torch.Tensor:
@@ -144,7 +156,12 @@ def _send_layout(flat: torch.Tensor, n: int, s: int, audited: bool) -> torch.Ten
 
 
 def sharded(
-    plan: AggregationPlan, flat: torch.Tensor, group: dist.ProcessGroup | None, judge: Judge[V], audited: bool
+    plan: AggregationPlan,
+    flat: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    judge: Judge[V],
+    audited: bool,
+    verify: Verify[V] | None = None,
 ) -> tuple[V, torch.Tensor | None, list[int]]:
     """Sharded (optionally audited) exchange; writes the result into ``flat`` and returns it."""
     n, d = plan.n, flat.numel()
@@ -152,6 +169,8 @@ def sharded(
     send = _send_layout(flat, n, s, audited)
     recv = _buffer("recv", send.numel(), flat.dtype, flat.device).view(send.shape)
     dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
+    if verify is not None and (stop := verify(send, recv)) is not None:
+        return stop, None, []
     stacks = [recv[:, 0], recv[:, 1]] if audited else [recv]
     ctx = ShardContext(all_reduce_sum(group, flat.device), plan.round)
     shards = [aggregate_rows(plan, st, plan.keep, ctx) for st in stacks]
@@ -188,13 +207,19 @@ def audit_mismatches(
 
 
 def replicated(
-    plan: AggregationPlan, flat: torch.Tensor, group: dist.ProcessGroup | None, judge: Judge[V]
+    plan: AggregationPlan,
+    flat: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    judge: Judge[V],
+    verify: Verify[V] | None = None,
 ) -> tuple[V, torch.Tensor | None, list[int]]:
     """Replicated exchange: every rank gathers every update and aggregates all columns."""
     n = plan.n
     gathered = _buffer("replicated", n * flat.numel(), flat.dtype, flat.device)
     all_gather_single(gathered, flat.contiguous(), group=group)
     stack = gathered.view(n, -1)
+    if verify is not None and (stop := verify(flat, stack)) is not None:
+        return stop, None, []
     ctx = ShardContext(round=plan.round)
     agg = aggregate_rows(plan, stack, plan.keep, ctx)
     verdict, keep = judge(partial_stats(stack, agg).cpu(), plan.keep)
