@@ -56,7 +56,7 @@ from fedgspo.audit import (
     RUN_START,
     AuditLog,
 )
-from fedgspo.auth import RequestInbox, load_keyring, poll_requests
+from fedgspo.auth import RequestInbox, UpdateAuthenticator, audit_auth_failures, load_keyring, poll_requests
 from fedgspo.checkpoint import CheckpointManager, save_checkpoint, write_json_atomic
 from fedgspo.config import Config, ConfigError, load_config
 from fedgspo.distributed import (
@@ -159,6 +159,10 @@ class Trainer:
         # Rank 0's services; on other ranks these are no-ops or None.
         self.book = RunBookkeeper(cfg.bookkeeping, run_dir, rank=ctx.rank)
         self.logger = MetricsLogger(run_dir, cfg.run.tensorboard) if ctx.is_main else None
+        sec = cfg.security
+        self.keyring = load_keyring(sec.key_file) if sec.key_file else None
+        self.authenticator = (UpdateAuthenticator(self.keyring, ctx.rank, run_id=run_dir.name)
+                              if self.keyring and sec.authenticate_updates and ctx.world_size > 1 else None)
         admin_key = self._admin_key()
         self.audit = AuditLog(run_dir, key=admin_key) if ctx.is_main else None
         self.inbox = (RequestInbox(run_dir, admin_key, self.audit, max_age_s=cfg.security.request_max_age_s)
@@ -251,7 +255,9 @@ class Trainer:
         agg = self.cfg.aggregation
         report = robust_all_reduce(
             self.grads.buffer, **{**agg.all_reduce_kwargs(), "rule": self.rule, "f": self.f},
-            weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed)
+            weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed,
+            authenticator=self.authenticator, step=step if self.authenticator else None)
+        audit_auth_failures(self.audit, report.auth_failed, step=step, mode=report.mode)
         if self.proof_failed:
             report = dataclasses.replace(report, flagged=sorted(set(report.flagged) | set(self.proof_failed)))
         was_quarantined = set(self.reputation.quarantined())
@@ -332,10 +338,9 @@ class Trainer:
 
     def _admin_key(self) -> bytes | None:
         """The run's admin key from ``security.key_file`` (rank 0 only holds it), else None."""
-        if self.cfg.security.key_file is None or not self.ctx.is_main:
+        if self.keyring is None or not self.ctx.is_main or not self.keyring.admin:
             return None
-        keyring = load_keyring(self.cfg.security.key_file)
-        return keyring.admin_key() if keyring.admin else None
+        return self.keyring.admin_key()
 
     def _audit(self, kind: str, payload: dict, *, step: int | None = None, rank: int = 0) -> None:
         if self.audit is not None:

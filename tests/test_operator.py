@@ -1,0 +1,55 @@
+"""Signed operator requests reach a running job; unsigned hot-swap files are ignored with keys."""
+
+from __future__ import annotations
+
+import json
+
+from fedgspo.auth import generate_keyring, write_keyring, write_request
+from fedgspo.metrics import read_metrics
+from fedgspo.train import main
+
+FAST = ["run.progress_bar=false", "task.prompts_per_rank=2", "gspo.num_generations=4",
+        "bookkeeping.hotswap_every=2"]
+
+
+def _keys(tmp_path):
+    keyring = generate_keyring(1)
+    path = tmp_path / "keys.json"
+    write_keyring(path, keyring)
+    return path, keyring.admin_key()
+
+
+def test_signed_requests_swap_and_stop(tmp_path):
+    key_file, admin = _keys(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_request(run, admin, "hotswap", {"swaps": {"lr_schedule": "cosine"}})
+    (run / "hotswap.json").write_text(json.dumps({"aggregator": "median"}))  # unsigned: ignored
+    assert main([f"run.dir={run}", f"security.key_file={key_file}", "train.max_steps=50", *FAST]) == 0
+    first = read_metrics(run)
+    assert len(first) == 50  # the swap alone does not stop the run
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    swaps = [e for e in events if e["type"] == "HotSwapApplied"]
+    assert [(e["slot"], e["new_name"]) for e in swaps] == [("lr_schedule", "cosine")]
+    kinds = [json.loads(line)["kind"] for line in (run / "audit.jsonl").read_text().splitlines()]
+    assert "operator_request" in kinds and "hot_swap" in kinds
+
+
+def test_stop_request_checkpoints_and_ends(tmp_path):
+    key_file, admin = _keys(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_request(run, admin, "stop", {})
+    assert main([f"run.dir={run}", f"security.key_file={key_file}", "train.max_steps=50", *FAST]) == 0
+    assert len(read_metrics(run)) == 2
+    assert (run / "checkpoints" / "step_00000002" / "manifest.json").is_file()
+
+
+def test_forged_request_is_rejected(tmp_path):
+    key_file, _ = _keys(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_request(run, b"not the admin key" * 2, "stop", {})
+    assert main([f"run.dir={run}", f"security.key_file={key_file}", "train.max_steps=6", *FAST]) == 0
+    assert len(read_metrics(run)) == 6
+    assert list((run / "requests" / "rejected").glob("*.json"))
