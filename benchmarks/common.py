@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine_info() -> dict[str, Any]:
     """Where and with what the numbers were measured."""
     import numpy
+    import pydantic
     import torch
     import transformers
 
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
     return {
+        "git_commit": commit,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -26,6 +35,8 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "numpy": numpy.__version__,
+        "pydantic": pydantic.VERSION,
+        "sqlite": sqlite3.sqlite_version,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

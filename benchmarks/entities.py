@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pydantic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
 
 from fedgspo.entities import EntityRegistry, EntityTree, NullRegistry, ReputationEntity
 from fedgspo.events import EventBus, NullEventBus, StepCompleted
@@ -168,22 +166,6 @@ def bench_tree(nodes: int, repeats: int) -> dict[str, float]:
     return {
         f"{nodes // 1000}k-node tree walk (BFS)": statistics.median(samples_bfs),
         f"{nodes // 1000}k-node tree walk (DFS)": statistics.median(samples_dfs),
-    }
-
-
-def machine_info() -> dict[str, str | int | None]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "pydantic": pydantic.VERSION,
-        "sqlite": sqlite3.sqlite_version,
-        "git_commit": commit,
     }
 
 
