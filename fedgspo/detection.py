@@ -3,28 +3,39 @@
 For every rank ``i`` the robust all-reduce measures, exactly and at the cost of one tiny
 all-reduce, the distance ``||x_i - a||`` to the aggregate ``a``, the cosine of ``x_i`` to
 ``a`` and the norm ``||x_i||``. Each statistic is turned into robust z-scores across ranks
-(median and MAD, scaled by 0.6745 so that z ~ N(0, 1) for Gaussian data) and a rank is
-flagged when
+(median and MAD, scaled by 0.6745 so that z ~ N(0, 1) for Gaussian data; distances and norms
+on a log scale) and a rank is flagged when it could pull the aggregate:
 
-* its distance z-score is above ``threshold`` (too far from the aggregate),
-* its norm z-score is above ``threshold`` in absolute value (blown up, or zeroed),
-* its cosine z-score is below ``-threshold`` (points elsewhere: a sign-flipped update can be
-  *closer* to the aggregate than honest ones when honest updates are noisy, but its cosine
-  is negative), or
-* any of its statistics is NaN/Inf (always flagged).
+* any of its statistics is NaN/Inf (always flagged);
+* its log-norm z-score is above ``threshold`` (blown up; one-sided: a small or zero update
+  is harmless to a robust rule and is never flagged);
+* its log-distance z-score is above ``threshold`` (far from the aggregate; one-sided);
+* its cosine is below the absolute bound ``cosine_bound`` (opposes the aggregate), or its
+  cosine z-score is below ``-threshold``.
 
-Distances and norms are scored on a log scale (a rank with twice the typical norm is as
-far out as one with half of it; a zeroed update among non-zero ones is far out). MAD floors
-keep z-scores meaningful when honest ranks agree almost exactly (a MAD of ~0 would turn
-rounding noise into huge z-scores): ``log_floor`` for log distances/norms, ``cosine_floor``
-for cosines.
+MAD floors keep z-scores meaningful when honest ranks agree closely: ``log_floor`` for log
+norms/distances, ``cosine_floor`` for cosines. With the defaults (threshold 3.5, log_floor
+0.85) a norm is flagged only once it is at least ``exp(3.5 * 0.85 / 0.6745) ~ 80`` times the
+median norm (more when the honest spread is wider).
 
-Default threshold 3.5, from :func:`false_alarm_rate` (300 honest steps per cell, d = 4096,
-signal-to-noise 0.3 and 3): homogeneous ranks (``spread`` 0 or 0.1): no false alarm for
-n = 4, 8, 16 at thresholds >= 3.0. Strongly heterogeneous ranks (``spread`` 0.3, i.e. +-30%
-per-rank noise scale): 5-8% of steps have a false flag at 3.5 (10-18% at 3.0, 1-2% at 5.0).
-Single false flags cost nothing unless ``exclude_flagged`` is set; quarantine
-(:mod:`fedgspo.reputation`) needs repeated flags.
+Calibration (``benchmarks/detection_calibration.py``; JSON in
+``benchmarks/results/detection_calibration.json``): real GSPO gradients of the default tiny
+policy and task, n = 8 simulated ranks, 30 steps per setting, prompts_per_rank 2 and 8, at the
+initial weights and after 150 Adam steps (mean reward 0.17 -> 0.54), coordinate median and
+trimmed mean, f = 1 and 2 attackers. Honest ranks are far more heterogeneous than Gaussian
+models suggest: the cosine to the aggregate has median 0.25-0.47 and reaches -0.66 (1 %
+quantile -0.42 with prompts_per_rank 2 after training); the norm relative to the step's
+median norm reaches 35x (99 % quantile 25x) with prompts_per_rank 2 after training, 6x with 8
+prompts. The previous rule (two-sided norm z, cosine MAD floor 0.05, log floor 0.1) flagged
+0.35-0.52 honest ranks per clean step. The defaults here flag none in all four settings,
+while nan, gaussian (N(0, 1), ~360x the honest norm) and bit_flip are caught with recall 1.0
+and precision 1.0 (no honest rank flagged in attacked steps either). Not separable from
+honest ranks with these statistics at n = 8: ``scaled`` x10 (honest ranks reach 35x),
+``sign_flip`` (a flipped noisy update keeps a cosine within the honest range, partly because
+the aggregate it is compared with includes it) and, by design, ALIE; IPM is caught 34-94 %
+of the time by the cosine bound. Lowering ``log_floor`` to 0.3 catches 93-100 % of ``scaled``
+attacks at the cost of 0.07-0.17 false flags per clean step after training (see the JSON).
+``zero`` is deliberately never flagged.
 """
 
 from __future__ import annotations
@@ -38,6 +49,12 @@ import torch
 #: Scales the MAD of Gaussian data to its standard deviation's z-score.
 MAD_TO_Z = 0.6745
 DEFAULT_THRESHOLD = 3.5
+#: MAD floor of log norms / log distances (honest log-norm spread is wide: see above).
+LOG_FLOOR = 0.85
+#: MAD floor of cosines.
+COSINE_FLOOR = 0.3
+#: Cosines below this are flagged whatever the others (honest minimum measured: -0.66).
+COSINE_BOUND = -0.8
 
 
 @dataclass(frozen=True)
@@ -102,18 +119,31 @@ def _log(values: list[float]) -> list[float]:
 
 
 def detect(
-    stats: RankStatistics, threshold: float = DEFAULT_THRESHOLD, log_floor: float = 0.1, cosine_floor: float = 0.05
+    stats: RankStatistics,
+    threshold: float = DEFAULT_THRESHOLD,
+    log_floor: float = LOG_FLOOR,
+    cosine_floor: float = COSINE_FLOOR,
+    cosine_bound: float = COSINE_BOUND,
+    use_distance: bool = True,
 ) -> Detection:
-    """Flag outlying or nonfinite ranks (see the module docstring for the rules)."""
+    """Flag ranks that could pull the aggregate, or are nonfinite (rules: module docstring).
+
+    ``z_norm`` and ``z_distance`` are robust z-scores of the log norms / log distances
+    (MAD at least ``log_floor``), ``z_cosine`` of the cosines (MAD at least ``cosine_floor``).
+    Flagged: any nonfinite statistic; ``z_norm > threshold``; ``z_distance > threshold``
+    (with ``use_distance``); ``cosine < cosine_bound``; ``z_cosine < -threshold``. Low norms
+    and distances are never flagged.
+    """
     z_d = robust_z(_log(stats.distances), floor=log_floor)
     z_n = robust_z(_log(stats.norms), floor=log_floor)
     z_c = robust_z(stats.cosines, floor=cosine_floor)
     flagged = [
         i
         for i in range(len(stats.distances))
-        if not all(math.isfinite(v) for v in (z_d[i], z_n[i], z_c[i]))
-        or z_d[i] > threshold
-        or abs(z_n[i]) > threshold
+        if not all(math.isfinite(v) for v in (z_d[i], z_n[i], z_c[i], stats.cosines[i]))
+        or z_n[i] > threshold
+        or (use_distance and z_d[i] > threshold)
+        or stats.cosines[i] < cosine_bound
         or z_c[i] < -threshold
     ]
     return Detection(z_d, z_c, z_n, flagged)
@@ -132,7 +162,8 @@ def false_alarm_rate(
 
     Each draw: ``x_i = snr * mu + s_i * noise_i`` with ``mu, noise_i ~ N(0, I_d / d)`` and
     per-rank noise scales ``s_i = exp(spread * N(0, 1))`` (heterogeneous ranks); the aggregate
-    is the coordinate-wise median. Used to choose :data:`DEFAULT_THRESHOLD`.
+    is the coordinate-wise median. A synthetic sanity check; the defaults are calibrated on real
+    GSPO gradients (module docstring).
     """
     gen = torch.Generator().manual_seed(seed)
     alarms = 0

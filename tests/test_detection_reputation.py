@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from fedgspo.aggregators import CoordinateMedian
 from fedgspo.detection import (
+    COSINE_BOUND,
     DEFAULT_THRESHOLD,
     RankStatistics,
     detect,
@@ -49,25 +50,61 @@ def test_clean_updates_are_not_flagged():
 
 @pytest.mark.parametrize(
     "corrupt,statistic",
-    [(lambda v: v * 20, "norm"), (lambda v: -v, "cosine"), (lambda v: v * 0, "norm"),
-     (lambda v: v + 30 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)), "distance")],
+    [(lambda v: v * 200, "norm"),
+     (lambda v: v + 300 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)), "distance")],
 )
 def test_overt_attacks_are_flagged(corrupt, statistic):
     x = honest()
     x[2] = corrupt(x[2])
     det = detect(stats_of(x))
     assert det.flagged == [2]
-    z = {"norm": det.z_norm, "cosine": det.z_cosine, "distance": det.z_distance}
-    assert abs(z[statistic][2]) > DEFAULT_THRESHOLD
+    z = {"norm": det.z_norm, "distance": det.z_distance}
+    assert z[statistic][2] > DEFAULT_THRESHOLD
 
 
-def test_sign_flip_close_to_aggregate_is_caught_by_cosine():
-    # Noisy honest updates around a weak signal: the flipped one's distance is unremarkable.
-    x = honest(d=4000, signal=0.2)
-    x[0] = -x[0]
+def test_sign_flip_is_flagged():
+    # A strong shared signal: honest cosines ~0.97, the flipped update opposes the aggregate.
+    x = honest(signal=2.0)
+    x[1] = -x[1]
     det = detect(stats_of(x))
-    assert det.z_distance[0] < DEFAULT_THRESHOLD
-    assert det.flagged == [0] and det.z_cosine[0] < -DEFAULT_THRESHOLD
+    assert det.flagged == [1]
+    assert det.z_cosine[1] < -DEFAULT_THRESHOLD and stats_of(x).cosines[1] < COSINE_BOUND
+
+
+def test_sign_flip_is_caught_by_the_cosine_bound_alone():
+    # Only the absolute bound: the z-score rule is switched off by a huge MAD floor.
+    x = honest(signal=2.0)
+    x[1] = -x[1]
+    assert detect(stats_of(x), cosine_floor=1e9).flagged == [1]
+    assert detect(stats_of(x), cosine_floor=1e9, cosine_bound=-1.1).flagged == []
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-6, 0.05])
+def test_small_or_zero_honest_update_is_not_flagged(scale):
+    # E.g. a rank whose groups all had equal rewards: harmless to a robust rule.
+    x = honest()
+    x[3] *= scale
+    det = detect(stats_of(x))
+    assert det.flagged == []
+    assert det.z_norm[3] < 0
+
+
+def test_heterogeneous_honest_norms_are_not_flagged():
+    # Real GSPO ranks differ in norm by 10x and more (calibration: up to 35x the median).
+    x = honest()
+    for i, s in enumerate([0.1, 0.3, 1.0, 1.0, 3.0, 10.0]):
+        x[i] *= s
+    assert detect(stats_of(x)).flagged == []
+
+
+def test_honest_cosines_near_zero_are_not_flagged():
+    # Calibration: honest cosines to the aggregate range from ~0.9 down to ~0 and below.
+    x = honest(signal=2.0)
+    g = torch.Generator().manual_seed(5)
+    x[4] = 2.0 * torch.randn(x.shape[1], generator=g)  # pure noise: cosine ~0
+    s = stats_of(x)
+    assert abs(s.cosines[4]) < 0.2
+    assert detect(s).flagged == []
 
 
 def test_nonfinite_is_always_flagged():
