@@ -25,11 +25,12 @@ def test_preset_validates_with_one_attacker_of_four(kind):
 
 
 @pytest.mark.slow
-def test_sign_flip_preset_runs_on_four_ranks_and_flags_the_attacker(tmp_path):
+def test_attack_preset_runs_on_four_ranks_and_flags_an_overt_attacker(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
            "-m", "fedgspo.train", "--config", str(PRESETS["sign_flip"]), f"run.dir={run}",
-           "train.max_steps=6", "run.progress_bar=false", "run.tensorboard=false", "bookkeeping.enabled=false"]
+           "train.max_steps=6", "run.progress_bar=false", "run.tensorboard=false", "bookkeeping.enabled=false",
+           "attack.kind=gaussian"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
