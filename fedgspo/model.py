@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwe
 class ModelConfig(BaseModel):
     """The policy: a tiny transformers causal LM built from these sizes, or a local directory."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     path: Path | None = Field(
         None, description="Local transformers model directory; nothing is ever downloaded."
     )

@@ -91,7 +91,6 @@ class RolloutBatch:
     advantages: torch.Tensor  # (B,)
     rewards: torch.Tensor  # (B,)
     reward_parts: dict[str, float]  # mean of each reward function's raw score
-    seconds: float
     index: int  # rollout number (the task's step)
 
 
@@ -198,7 +197,6 @@ class Trainer:
 
     def collect(self, rollout_index: int) -> RolloutBatch:
         """Sample this rank's prompts, generate a group per prompt, score, normalise."""
-        t0 = time.perf_counter()
         gspo, tok, rank = self.cfg.gspo, self.task.tokenizer, self.ctx.rank
         prompts = self.task.sample(rank, rollout_index)
         rollout = generate(
@@ -215,7 +213,7 @@ class Trainer:
         trained_on = poison_rewards(self.attack, rewards_t, rank, rollout_index)
         advantages = group_advantages(trained_on, repeat, scale=gspo.scale_rewards)
         return RolloutBatch(rollout, advantages, rewards_t, {k: sum(v) / len(v) for k, v in parts.items()},
-                            time.perf_counter() - t0, rollout_index)
+                            rollout_index)
 
     def compute_gradients(self, batch: RolloutBatch, *, prove: bool) -> tuple[torch.Tensor, GSPOStats]:
         """GSPO loss of the batch under the current policy, back-propagated into the buffer.
