@@ -56,8 +56,15 @@ from fedgspo.audit import (
     RUN_START,
     AuditLog,
 )
-from fedgspo.auth import RequestInbox, UpdateAuthenticator, audit_auth_failures, load_keyring, poll_requests
-from fedgspo.checkpoint import CheckpointManager, save_checkpoint, write_json_atomic
+from fedgspo.auth import (
+    AuthError,
+    RequestInbox,
+    UpdateAuthenticator,
+    audit_auth_failures,
+    load_keyring,
+    poll_requests,
+)
+from fedgspo.checkpoint import CheckpointError, CheckpointManager, save_checkpoint, write_json_atomic
 from fedgspo.config import Config, ConfigError, load_config
 from fedgspo.distributed import (
     DistContext,
@@ -548,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
             ok = run_pipeline(spec, configs, is_main=ctx.is_main, run_stage=lambda c: run(c, ctx))
         else:
             ok = run(first, ctx) is not None or not ctx.is_main
-    except ConfigError as err:
+    except (ConfigError, AuthError, CheckpointError) as err:
+        # Raised identically on every rank: a taken run directory, an unusable key file, or
+        # an explicit checkpoint.resume path that does not verify.
         print(f"fedgspo.train: error: {err}", file=sys.stderr)
         return 2
     destroy_distributed()

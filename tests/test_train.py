@@ -119,3 +119,15 @@ def test_concurrent_runs_share_one_registry(tmp_path):
             assert [v.version for v in reg.history(r.lineage_id)] == list(range(14))
     finally:
         reg.close()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("security.key_file={tmp}/missing.json", "missing.json"),
+    ("checkpoint.resume={tmp}/no-such-checkpoint", "checkpoint.resume"),
+])
+def test_unusable_key_file_or_resume_path_is_one_line(tmp_path, override, message):
+    proc = subprocess.run([sys.executable, "-m", "fedgspo.train", f"run.dir={tmp_path / 'r'}",
+                           override.format(tmp=tmp_path), *FAST], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
