@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import os
 import sys
@@ -159,6 +160,8 @@ class Trainer:
         broadcast_parameters(self.model)
         self.model.train()
         self.grads = FlatGradients(list(self.model.parameters()))
+        # The KL reference is the starting policy, frozen; only built when the KL is on.
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if gspo.beta > 0 else None
         self.optimizer = torch.optim.AdamW(
             self.grads.params, lr=gspo.learning_rate, betas=(gspo.adam_beta1, gspo.adam_beta2),
             weight_decay=gspo.weight_decay)
@@ -234,9 +237,16 @@ class Trainer:
         loss, stats = gspo_loss_and_stats(
             logps, batch.rollout.old_logps, batch.advantages, batch.rollout.completion_mask,
             epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, level=gspo.importance_sampling_level,
-            ref_logps=None, beta=0.0)
+            ref_logps=self.reference_logps(batch), beta=gspo.beta)
         loss.backward()
         return loss.detach(), stats
+
+    @torch.no_grad()
+    def reference_logps(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """Completion log-probs under the frozen reference policy (``None`` when beta = 0)."""
+        if self.reference is None:
+            return None
+        return completion_logps(self.reference, batch.rollout, self.cfg.gspo.temperature)[0]
 
     def verify_rollouts(self, batch: RolloutBatch, hidden: torch.Tensor) -> None:
         """Commit to this rank's rollout and check a sampled part of a neighbour's (collective).

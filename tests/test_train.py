@@ -131,3 +131,11 @@ def test_unusable_key_file_or_resume_path_is_one_line(tmp_path, override, messag
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_kl_to_the_starting_policy_is_logged_when_beta_is_set(tmp_path):
+    run = tmp_path / "run"
+    assert main([f"run.dir={run}", "gspo.beta=0.04", *FAST]) == 0
+    kls = [r["kl"] for r in read_metrics(run)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert max(kls) > 0.0
