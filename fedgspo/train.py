@@ -99,7 +99,8 @@ class RolloutBatch:
     advantages: torch.Tensor  # (B,)
     rewards: torch.Tensor  # (B,)
     reward_parts: dict[str, float]  # mean of each reward function's raw score
-    index: int  # rollout number (the task's step)
+    index: int
+    ref_logps: torch.Tensor | None  # (B, T) under the frozen reference; None when beta = 0  # rollout number (the task's step)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -223,7 +224,7 @@ class Trainer:
         trained_on = poison_rewards(self.attack, rewards_t, rank, rollout_index)
         advantages = group_advantages(trained_on, repeat, scale=gspo.scale_rewards)
         return RolloutBatch(rollout, advantages, rewards_t, {k: sum(v) / len(v) for k, v in parts.items()},
-                            rollout_index)
+                            rollout_index, self.reference_logps(rollout))
 
     def compute_gradients(self, batch: RolloutBatch, *, prove: bool) -> tuple[torch.Tensor, GSPOStats]:
         """GSPO loss of the batch under the current policy, back-propagated into the buffer.
@@ -237,16 +238,17 @@ class Trainer:
         loss, stats = gspo_loss_and_stats(
             logps, batch.rollout.old_logps, batch.advantages, batch.rollout.completion_mask,
             epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, level=gspo.importance_sampling_level,
-            ref_logps=self.reference_logps(batch), beta=gspo.beta)
+            ref_logps=batch.ref_logps, beta=gspo.beta)
         loss.backward()
         return loss.detach(), stats
 
     @torch.no_grad()
-    def reference_logps(self, batch: RolloutBatch) -> torch.Tensor | None:
-        """Completion log-probs under the frozen reference policy (``None`` when beta = 0)."""
+    def reference_logps(self, rollout: Rollout) -> torch.Tensor | None:
+        """Completion log-probs under the frozen reference policy, once per rollout (the
+        reference never changes); ``None`` when beta = 0."""
         if self.reference is None:
             return None
-        return completion_logps(self.reference, batch.rollout, self.cfg.gspo.temperature)[0]
+        return completion_logps(self.reference, rollout, self.cfg.gspo.temperature)[0]
 
     def verify_rollouts(self, batch: RolloutBatch, hidden: torch.Tensor) -> None:
         """Commit to this rank's rollout and check a sampled part of a neighbour's (collective).
@@ -320,12 +322,12 @@ class Trainer:
         if swaps and self.ctx.is_main:
             tqdm.write(f"step {step}: hot swap {swaps}", file=sys.stderr)
 
-    def save_checkpoint(self, step: int, record: dict) -> None:
-        """Every ``checkpoint.every`` steps (collective): model, optimizer, schedule, RNG and
-        reputation; rank 0 audits it and registers it as the child of the previous one."""
-        info = self.checkpoints.maybe_save(
-            step, self.model, self.optimizer, self.scheduler,
-            {"reputation": self.reputation.state_dict(), "rule": self.rule}, {"sampler": self.sampler})
+    def save_checkpoint(self, step: int, record: dict, *, now: bool = False) -> None:
+        """Every ``checkpoint.every`` steps, or ``now`` (collective): model, optimizer, schedule,
+        RNG and reputation; rank 0 audits it and registers it as the child of the previous one."""
+        save = self.checkpoints.save if now else self.checkpoints.maybe_save
+        info = save(step, self.model, self.optimizer, self.scheduler,
+                    {"reputation": self.reputation.state_dict(), "rule": self.rule}, {"sampler": self.sampler})
         if info is None:
             return
         self._audit(CHECKPOINT, {"path": str(info.path), "sha256": info.sha256,
@@ -402,9 +404,7 @@ class Trainer:
             if ctx.is_main and ((step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps):
                 tqdm.write(console_line(record, cfg.train.max_steps), file=sys.stderr)
             if self.stop_requested:
-                self.checkpoints.save(step + 1, self.model, self.optimizer, self.scheduler,
-                                      {"reputation": self.reputation.state_dict(), "rule": self.rule},
-                                      {"sampler": self.sampler})
+                self.save_checkpoint(step + 1, record, now=True)
                 break
         bar.close()
         self.finish(history, first)
