@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedgspo.config import Config, ConfigError, _format_validation_error, apply_overrides, read_yaml
+from fedgspo.config import Config, ConfigError, apply_overrides, format_validation_error, read_yaml, set_dotted
 from fedgspo.conflicts import OperationPriority
 from fedgspo.distributed import broadcast_object
 from fedgspo.entities import AIPipelineEntity, TrainingStageEntity
@@ -75,12 +75,6 @@ class PipelineSpec(BaseModel):
         return self.dir or Path("runs") / self.name
 
 
-def _yaml_value(value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
 def load_pipeline(path: Path, overrides: list[str] | None = None) -> tuple[PipelineSpec, dict[str, Config]]:
     """Read and validate a pipeline file and every stage's config, in run order.
 
@@ -90,7 +84,7 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> tuple[Pipel
     try:
         spec = PipelineSpec.model_validate(read_yaml(path))
     except ValidationError as err:
-        raise ConfigError(f"{path}: {_format_validation_error(err)}") from None
+        raise ConfigError(f"{path}: {format_validation_error(err)}") from None
     try:
         order = topological_order({s.name: s.depends_on for s in spec.stages})
     except (DependencyCycleError, MissingDependencyError) as err:
@@ -98,13 +92,14 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> tuple[Pipel
     stages = {s.name: s for s in spec.stages}
     configs: dict[str, Config] = {}
     for name in order:
-        stage_overrides = [f"{k}={_yaml_value(v)}" for k, v in stages[name].overrides.items()]
-        data = apply_overrides(read_yaml(spec.base_config) if spec.base_config else {},
-                               stage_overrides + list(overrides or []))
+        data = read_yaml(spec.base_config) if spec.base_config else {}
+        for key, value in stages[name].overrides.items():
+            set_dotted(data, key, value)
+        data = apply_overrides(data, list(overrides or []))
         try:
             configs[name] = Config.model_validate(data)
         except ValidationError as err:
-            raise ConfigError(f"stage {name}: {_format_validation_error(err)}") from None
+            raise ConfigError(f"stage {name}: {format_validation_error(err)}") from None
     return spec, configs
 
 
