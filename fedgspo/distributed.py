@@ -1,12 +1,15 @@
-"""Process-group set-up from torchrun's environment, and flat-gradient plumbing.
+"""Process-group set-up from torchrun's or mpirun's environment, and flat-gradient plumbing.
 
-``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables; without
-them the run is a single process and no process group is created. CUDA gets nccl, CPU gets gloo.
+``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables. Under
+``mpirun`` (Open MPI, MPICH/PMI or SLURM's PMIx) the same variables are derived from the MPI
+rank, and rank 0 shares a rendezvous address over MPI (needs ``mpi4py``). Without either the run
+is a single process and no process group is created. CUDA gets nccl, CPU gets gloo.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -48,6 +51,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistCont
     Failure: rendezvous errors propagate from ``init_process_group`` (the run cannot start);
     the caller should exit non-zero so torchrun's restart policy applies.
     """
+    if "RANK" not in os.environ and mpi_rank_and_size() is not None:
+        export_mpi_rendezvous()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -60,6 +65,58 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistCont
                                 store=_attempt_store(rank, world_size, timeout_s), rank=rank,
                                 world_size=world_size)
     return DistContext(rank, world_size, local_rank, local_world_size, dev)
+
+
+# (rank, size, local rank, local size) variables of the MPI launchers, in order of preference.
+_MPI_ENV = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMIX_RANK", "PMIX_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+
+
+def mpi_rank_and_size() -> tuple[int, int, int, int] | None:
+    """(rank, world size, local rank, local world size) from an MPI launcher's environment,
+    or ``None`` when the process was not started by ``mpirun``/``mpiexec``."""
+    for rank_var, size_var, local_rank_var, local_size_var in _MPI_ENV:
+        if rank_var in os.environ and size_var in os.environ:
+            size = int(os.environ[size_var])
+            return (int(os.environ[rank_var]), size, int(os.environ.get(local_rank_var, 0)),
+                    int(os.environ.get(local_size_var, size)))
+    return None
+
+
+def export_mpi_rendezvous() -> None:
+    """Set torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) from the MPI launcher's, so that ``init_process_group``
+    works as under torchrun. Rank 0 picks its host name and a free port unless ``MASTER_ADDR`` /
+    ``MASTER_PORT`` are set, and broadcasts them over ``MPI.COMM_WORLD`` (collective).
+
+    Failure: ``RuntimeError`` naming the missing package when ``mpi4py`` is not installed.
+    """
+    found = mpi_rank_and_size()
+    if found is None:
+        raise RuntimeError("not launched by mpirun: no MPI rank in the environment")
+    rank, size, local_rank, local_size = found
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise RuntimeError(f"launched by mpirun but mpi4py is unavailable ({err}); "
+                           "pip install 'fedgspo[mpi]'") from err
+    address = None
+    if rank == 0:
+        host = "127.0.0.1" if local_size == size else socket.gethostname()
+        address = (os.environ.get("MASTER_ADDR") or host,
+                   os.environ.get("MASTER_PORT") or str(_free_port()))
+    master_addr, master_port = MPI.COMM_WORLD.bcast(address, root=0)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=master_addr, MASTER_PORT=master_port)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def _attempt_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
