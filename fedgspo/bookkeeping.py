@@ -218,6 +218,17 @@ class RunBookkeeper:
                                  priority=OperationPriority.NORMAL)
         self.bus.emit(TrainingCompleted(run_id=self.run_id, status=status, rank=0))
 
+    def counters(self) -> dict[str, int]:
+        """Rank 0's system figures for the step record: registry conflicts, retries and
+        rejections (cumulative), events waiting for dispatch and events dropped; ``{}`` when
+        not recording."""
+        if not self.active:
+            return {}
+        registry, bus = self.registry.resolver.metrics(), self.bus.stats()
+        return {"registry_conflicts": registry["conflicts"], "registry_retries": registry["retries"],
+                "registry_rejections": registry["rejections"], "event_queue_depth": bus["queue_depth"],
+                "events_dropped": bus["dropped"]}
+
     def close(self) -> None:
         """Flush and close the registry (persisting write-behind versions) and the bus."""
         self.registry.close()

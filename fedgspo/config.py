@@ -20,13 +20,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedgspo.aggregation_config import AggregationConfig
+from fedgspo.alerts import AlertsConfig
 from fedgspo.model import ModelConfig
 from fedgspo.task import TaskConfig
 from fedgspo.attacks import AttackConfig
 from fedgspo.auth import SecurityConfig
 from fedgspo.bookkeeping import BookkeepingConfig
 from fedgspo.checkpoint import CheckpointConfig
+from fedgspo.metrics import MetricsConfig
 from fedgspo.proof import ProofConfig
+from fedgspo.tracing import TracingConfig
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line naming the field."""
@@ -95,6 +98,9 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     security: SecurityConfig = SecurityConfig()
     proof: ProofConfig = ProofConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    tracing: TracingConfig = TracingConfig()
     attack: AttackConfig | None = Field(None, description="Simulated Byzantine ranks (testing only).")
 
     @model_validator(mode="after")

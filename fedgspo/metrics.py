@@ -1,48 +1,140 @@
-"""Per-step metrics: ``metrics.jsonl`` (one object per optimizer step) and TensorBoard.
+"""Per-step metrics: ``metrics.jsonl`` (one object per optimizer step), TensorBoard and,
+optionally, a Prometheus endpoint.
 
 Only rank 0 constructs a :class:`MetricsLogger`; other ranks pass ``None`` around. Each JSON
 line is flushed as it is written, so a crash loses at most the step in flight.
+
+A step record is a flat dict. Numeric and boolean fields are exported to TensorBoard and
+Prometheus as scalars; a list under a key starting with ``rank_`` holds one number per rank
+(``rank_trust[3]`` is rank 3's trust) and is exported per rank (TensorBoard ``rank_trust/3``,
+Prometheus ``fedgspo_rank_trust{rank="3"}``). Other lists (``flagged``: rank numbers) are only
+written to the JSONL file.
+
+Failure behaviour: asking for a Prometheus port without ``prometheus-client`` installed is a
+config error (:class:`MetricsConfig` does not validate); a port that cannot be bound raises
+``OSError`` from :class:`PrometheusExporter`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-def _jsonable(value: Any) -> Any:
+PER_RANK_PREFIX = "rank_"
+
+
+class MetricsConfig(BaseModel):
+    """Where step records go besides ``metrics.jsonl`` (TensorBoard: ``run.tensorboard``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    prometheus_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve the latest step's figures at http://<addr>:<port>/metrics "
+        "on rank 0 (needs prometheus-client: pip install 'fedgspo[metrics]'); 0: any free port; null: off.")
+    prometheus_addr: str = Field("0.0.0.0", description="Address the Prometheus endpoint binds to.")
+
+    @model_validator(mode="after")
+    def _client_installed(self) -> "MetricsConfig":
+        if self.prometheus_port is not None and importlib.util.find_spec("prometheus_client") is None:
+            raise ValueError("prometheus_port needs prometheus-client: pip install 'fedgspo[metrics]'")
+        return self
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats (also inside lists) as text: JSON has no NaN/Inf."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/Inf; keep the information as text
+        return str(value)
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
     return value
 
 
-class MetricsLogger:
-    """Append step records to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard."""
+def numeric_fields(record: dict[str, Any]) -> Iterator[tuple[str, int | None, float]]:
+    """``(key, rank, value)`` for every exportable number of a record: scalars (booleans as
+    0/1) with rank ``None``, and each entry of a ``rank_*`` list with its rank. ``step`` is
+    the x axis, not a field."""
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, (int, float)):
+            yield key, None, float(value)
+        elif isinstance(value, list) and key.startswith(PER_RANK_PREFIX):
+            for rank, v in enumerate(value):
+                yield key, rank, float(v)
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+
+class PrometheusExporter:
+    """Serve the latest value of every numeric record field as a gauge named
+    ``fedgspo_<key>`` (non-alphanumerics as ``_``; per-rank fields with a ``rank`` label), from
+    a registry of its own, on a daemon thread. :meth:`close` stops the server and frees the port."""
+
+    def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        self.registry = CollectorRegistry()
+        self._server, self._thread = start_http_server(port, addr, registry=self.registry)
+        self.port: int = self._server.server_address[1]
+        self._gauges: dict[str, Any] = {}
+
+    def update(self, record: dict[str, Any]) -> None:
+        for key, rank, value in numeric_fields(record):
+            gauge = self._gauges.get(key) or self._new_gauge(key, per_rank=rank is not None)
+            (gauge if rank is None else gauge.labels(rank=str(rank))).set(value)
+
+    def _new_gauge(self, key: str, *, per_rank: bool) -> Any:
+        from prometheus_client import Gauge
+
+        name = "fedgspo_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+        gauge = Gauge(name, f"step record field {key}", ["rank"] if per_rank else [], registry=self.registry)
+        self._gauges[key] = gauge
+        return gauge
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+class MetricsLogger:
+    """Append step records to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard and a
+    :class:`PrometheusExporter`."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, cfg: MetricsConfig | None = None) -> None:
+        cfg = cfg or MetricsConfig()
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = self.path.open("a", buffering=1)
+        # The endpoint first: a port that cannot be bound leaves nothing open behind it.
+        self.prometheus = (PrometheusExporter(cfg.prometheus_port, cfg.prometheus_addr)
+                           if cfg.prometheus_port is not None else None)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self._file = self.path.open("a", buffering=1)
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record; it must contain an integer ``step``."""
         step = int(record["step"])
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._file.write(json.dumps({k: jsonable(v) for k, v in record.items()}) + "\n")
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, step)
+            for key, rank, value in numeric_fields(record):
+                self._tb.add_scalar(key if rank is None else f"{key}/{rank}", value, step)
+        if self.prometheus is not None:
+            self.prometheus.update(record)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self.prometheus is not None:
+            self.prometheus.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

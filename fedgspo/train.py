@@ -27,13 +27,11 @@ Exit codes: 0 success, 2 invalid configuration or command line (one line on stde
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from fedgspo.aggregators import build_aggregator
+from fedgspo.alerts import AlertMonitor
 from fedgspo.attacks import apply_attack, poison_rewards
 from fedgspo.bookkeeping import RunBookkeeper
 from fedgspo.audit import (
@@ -89,6 +88,7 @@ from fedgspo.robust import RobustReport, robust_all_reduce
 from fedgspo.rollout import Rollout, completion_logps, generate
 from fedgspo.swappable import build_swapper, current_reward
 from fedgspo.task import DigitTask
+from fedgspo.tracing import StepTracer
 
 
 @dataclass
@@ -166,9 +166,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.grads.params, lr=gspo.learning_rate, betas=(gspo.adam_beta1, gspo.adam_beta2),
             weight_decay=gspo.weight_decay)
-        # Rank 0's services; on other ranks these are no-ops or None.
+        # Rank 0's services; on other ranks these are no-ops or None. The metrics logger
+        # first: an unusable Prometheus port stops the run before anything is written.
+        self.logger = open_metrics_logger(cfg, ctx, run_dir)
         self.book = RunBookkeeper(cfg.bookkeeping, run_dir, rank=ctx.rank)
-        self.logger = MetricsLogger(run_dir, cfg.run.tensorboard) if ctx.is_main else None
+        self.alerts = AlertMonitor(cfg.alerts, run_dir, self.book.bus) if ctx.is_main and cfg.alerts.enabled else None
+        self.tracer = StepTracer(cfg.tracing, run_dir if ctx.is_main else None, run_name=run_dir.name)
         sec = cfg.security
         self.keyring = load_keyring(sec.key_file) if sec.key_file else None
         self.authenticator = (UpdateAuthenticator(self.keyring, ctx.rank, run_id=run_dir.name)
@@ -216,9 +219,10 @@ class Trainer:
             temperature=gspo.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=self.sampler)
         completions = [tok.decode(row) for row in rollout.completion_ids.tolist()]
         repeat = gspo.num_generations
-        rewards, parts = current_reward(self.swapper)(
-            [p for p in prompts.prompts for _ in range(repeat)], completions,
-            answer=[a for a in prompts.answers for _ in range(repeat)])
+        with self.tracer.span("reward"):
+            rewards, parts = current_reward(self.swapper)(
+                [p for p in prompts.prompts for _ in range(repeat)], completions,
+                answer=[a for a in prompts.answers for _ in range(repeat)])
         rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.ctx.device)
         # A reward_flip attacker trains on poisoned rewards; the true ones are logged.
         trained_on = poison_rewards(self.attack, rewards_t, rank, rollout_index)
@@ -290,10 +294,7 @@ class Trainer:
         """Clip and apply the aggregated gradient; on consensus failure apply nothing."""
         max_norm = self.cfg.gspo.max_grad_norm
         grad_norm = self.grads.buffer.norm()
-        if report.consensus_failed:
-            if self.cfg.aggregation.on_consensus_failure == "stop":
-                raise ConsensusFailure(report.reason)
-        else:
+        if not report.consensus_failed:
             if max_norm is not None:
                 self.grads.buffer.mul_(torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0))
             self.optimizer.step()
@@ -365,7 +366,8 @@ class Trainer:
 
     def summarise(self, step: int, batch: RolloutBatch, loss: torch.Tensor, stats: GSPOStats,
                   grad_norm: torch.Tensor, report: RobustReport, times: dict[str, float]) -> dict:
-        """Average this step's figures over ranks (one small all-reduce) into a log record."""
+        """Average this step's figures over ranks (one small all-reduce) into a log record, with
+        every rank's robustness figures (``rank_*`` lists) and rank 0's system counters."""
         rewards = batch.rewards
         lengths = batch.rollout.completion_mask.sum(-1)
         local = torch.stack([
@@ -373,6 +375,7 @@ class Trainer:
             stats.ratio_mean, stats.kl, *[torch.tensor(v) for v in batch.reward_parts.values()],
         ]).float()
         reward_mean, reward_sq, length, loss_, clip, ratio, kl, *parts = all_reduce_mean(local).tolist()
+        step_time, ranks = sum(times.values()), self.reputation.ranks
         record = {
             "step": step, "reward_mean": reward_mean,
             "reward_std": max(reward_sq - reward_mean ** 2, 0.0) ** 0.5,
@@ -380,7 +383,12 @@ class Trainer:
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
             "flagged": report.flagged, "quarantined": self.reputation.quarantined(),
             "consensus_failed": report.consensus_failed,
-            "step_time_s": sum(times.values()), **{f"time_{k}_s": v for k, v in times.items()},
+            "step_time_s": step_time, **{f"time_{k}_s": v for k, v in times.items()},
+            "tokens_per_s": length * rewards.numel() * self.ctx.world_size / step_time,
+            "flagged_frac": len(report.flagged) / self.ctx.world_size,
+            "rank_z_score": report.z_scores, "rank_trust": [r.trust for r in ranks],
+            "rank_flags": [r.flags for r in ranks], "rank_quarantined": [int(r.quarantined) for r in ranks],
+            **self.book.counters(),
         }
         record.update({f"reward/{k}": v for k, v in zip(batch.reward_parts, parts)})
         return record
@@ -397,7 +405,8 @@ class Trainer:
         history: list[dict] = []
         for step in range(first, cfg.train.max_steps):
             self.step = step
-            record = self.evaluate() if cfg.train.evaluate_only else self.train_step(step)
+            with self.tracer.span("step", step=step):
+                record = self.evaluate() if cfg.train.evaluate_only else self.train_step(step)
             history.append(record)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
@@ -412,24 +421,28 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """Rollout (every ``num_iterations`` steps), gradients, robust aggregation, optimizer
-        step, then rank 0's records, checkpoint and operator actions at the step boundary."""
+        step, checkpoint, then rank 0's records and alerts and, at the step boundary, operator
+        actions. Each phase is timed and, with tracing on, a span."""
         self.faults.check(step)
-        mu = self.cfg.gspo.num_iterations
+        mu, phase = self.cfg.gspo.num_iterations, self.tracer.phase
         times: dict[str, float] = {}
-        with timed(times, "rollout"):
+        with phase(times, "rollout"):
             if step % mu == 0:
                 self.batch = self.collect(step // mu)
-        with timed(times, "backward"):
+        with phase(times, "backward"):
             loss, stats = self.compute_gradients(self.batch, prove=step % mu == 0 and self.proving)
-        with timed(times, "aggregate"):
+        with phase(times, "aggregate"):
             report = self.aggregate(step)
-        with timed(times, "optimizer"):
+        with phase(times, "optimizer"):
             grad_norm = self.optimizer_step(report)
         record = self.summarise(step, self.batch, loss, stats, grad_norm, report, times)
-        self.book.step(step, record, report.z_scores, self.reputation.ranks)
-        if self.logger:
-            self.logger.log(record)
-        self.save_checkpoint(step + 1, record)
+        with phase(times, "checkpoint"):
+            self.save_checkpoint(step + 1, record)
+        record["time_checkpoint_s"] = times["checkpoint"]
+        with self.tracer.span("bookkeeping"):
+            self.publish(record, report.z_scores)
+        if report.consensus_failed and self.cfg.aggregation.on_consensus_failure == "stop":
+            raise ConsensusFailure(report.reason)
         if (step + 1) % self.cfg.bookkeeping.hotswap_every == 0:
             self.apply_operator_actions(step + 1)
         return record
@@ -444,10 +457,17 @@ class Trainer:
         record = {"step": self.step, "reward_mean": mean, "reward_std": max(sq - mean ** 2, 0.0) ** 0.5,
                   "loss": 0.0, "clip_frac": 0.0, "completion_len": length, "flagged": [], "quarantined": [],
                   "step_time_s": time.perf_counter() - t0}
-        self.book.step(self.step, record, [])
+        self.publish(record, [])
+        return record
+
+    def publish(self, record: dict, z_scores: list[float]) -> None:
+        """Rank 0's outputs of a step record (no-ops elsewhere): events and registry versions,
+        metrics files and endpoint, alerts."""
+        self.book.step(record["step"], record, z_scores, self.reputation.ranks)
         if self.logger:
             self.logger.log(record)
-        return record
+        if self.alerts:
+            self.alerts.observe(record)
 
     def start(self, first_step: int) -> None:
         """Rank 0 writes the resolved config, audits the start and registers the run."""
@@ -499,18 +519,28 @@ class Trainer:
         self.book.close()
         if self.logger:
             self.logger.close()
+        if self.alerts:
+            self.alerts.close()
+        self.tracer.close()
 
 
 class ConsensusFailure(RuntimeError):
     """Too many ranks were flagged for the rule to produce a trustworthy update."""
 
 
-@contextlib.contextmanager
-def timed(times: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall time of the block to ``times[name]``."""
-    t0 = time.perf_counter()
-    yield
-    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+def open_metrics_logger(cfg: Config, ctx: DistContext, run_dir: Path) -> MetricsLogger | None:
+    """Rank 0's :class:`MetricsLogger` (``None`` elsewhere), collectively: a Prometheus port
+    that rank 0 cannot bind is a :class:`ConfigError` on every rank."""
+    logger, error = None, None
+    if ctx.is_main:
+        try:
+            logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.metrics)
+        except OSError as err:
+            error = f"metrics.prometheus_port: cannot serve on {cfg.metrics.prometheus_port} ({err.strerror or err})"
+    error = broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    return logger
 
 
 def console_line(record: dict, max_steps: int) -> str:
