@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PER_RANK_PREFIX = "rank_"
 
@@ -40,11 +40,12 @@ class MetricsConfig(BaseModel):
         "on rank 0 (needs prometheus-client: pip install 'fedgspo[metrics]'); 0: any free port; null: off.")
     prometheus_addr: str = Field("0.0.0.0", description="Address the Prometheus endpoint binds to.")
 
-    @model_validator(mode="after")
-    def _client_installed(self) -> "MetricsConfig":
-        if self.prometheus_port is not None and importlib.util.find_spec("prometheus_client") is None:
-            raise ValueError("prometheus_port needs prometheus-client: pip install 'fedgspo[metrics]'")
-        return self
+    @field_validator("prometheus_port")
+    @classmethod
+    def _client_installed(cls, port: int | None) -> int | None:
+        if port is not None and importlib.util.find_spec("prometheus_client") is None:
+            raise ValueError("needs prometheus-client: pip install 'fedgspo[metrics]'")
+        return port
 
 
 def jsonable(value: Any) -> Any:

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ContextManager, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TRACES_FILENAME = "traces.jsonl"
 _OFF: ContextManager[None] = contextlib.nullcontext()
@@ -46,11 +46,12 @@ class TracingConfig(BaseModel):
         False, description="true: trace (needs opentelemetry-sdk: pip install 'fedgspo[tracing]'); "
         "auto: trace when it is installed; false: off.")
 
-    @model_validator(mode="after")
-    def _sdk_installed(self) -> "TracingConfig":
-        if self.enabled is True and not otel_installed():
-            raise ValueError("tracing needs opentelemetry-sdk: pip install 'fedgspo[tracing]'")
-        return self
+    @field_validator("enabled")
+    @classmethod
+    def _sdk_installed(cls, enabled: bool | str) -> bool | str:
+        if enabled is True and not otel_installed():
+            raise ValueError("needs opentelemetry-sdk: pip install 'fedgspo[tracing]'")
+        return enabled
 
     def active(self) -> bool:
         return self.enabled is True or (self.enabled == "auto" and otel_installed())
