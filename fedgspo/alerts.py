@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -83,10 +83,9 @@ class AlertsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AlertsConfig":
-        names = [r.name for r in self.rules]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"rule names must be unique: {duplicates}")
+        repeated = sorted(name for name, n in Counter(r.name for r in self.rules).items() if n > 1)
+        if repeated:
+            raise ValueError(f"rule names must be unique: {repeated}")
         return self
 
 
