@@ -35,7 +35,18 @@ honest ranks with these statistics at n = 8: ``scaled`` x10 (honest ranks reach 
 the aggregate it is compared with includes it) and, by design, ALIE; IPM is caught 34-94 %
 of the time by the cosine bound. Lowering ``log_floor`` to 0.3 catches 93-100 % of ``scaled``
 attacks at the cost of 0.07-0.17 false flags per clean step after training (see the JSON).
-``zero`` is deliberately never flagged.
+``zero`` is deliberately never flagged per step.
+
+**Across steps** (:class:`PersistentDeviation`): an attacker that repeats itself is found by
+its averages even when each single step is within the honest spread. Per rank it keeps an EMA
+of the cosine to the aggregate and of the log norm relative to the step's median log norm,
+and flags ranks whose EMA is a robust outlier among the ranks' EMAs (the honest EMAs
+concentrate as noise averages out). On the calibration statistics above (EMA decay 0.95,
+threshold 3.5, 10 warm-up steps), ``scaled`` x10 is flagged in every step after warm-up
+with precision 1.0 in all four settings, with 0 false flags per clean step; ``sign_flip`` in
+one setting only (8 prompts per rank, initial weights): elsewhere the flipped updates keep a
+positive mean cosine (+0.2 to +0.4), because each update is mostly noise and the aggregate
+it is compared with includes it.
 """
 
 from __future__ import annotations
@@ -147,6 +158,67 @@ def detect(
         or z_c[i] < -threshold
     ]
     return Detection(z_d, z_c, z_n, flagged)
+
+
+class PersistentDeviation:
+    """Flag ranks whose *average* behaviour deviates, step after step (module docstring).
+
+    Per rank: ``c <- decay c + (1 - decay) cos_i`` and ``l <- decay l + (1 - decay)
+    (log ||x_i|| - median_j log ||x_j||)``, bias-corrected like Adam's moments; nonfinite
+    statistics leave a rank's averages unchanged. From ``warmup`` updates on, rank ``i`` is
+    flagged when the robust z-score of its ``c`` among all ranks' is below ``-threshold``
+    (opposes or ignores the common direction) or that of its ``l`` is above ``threshold``
+    (persistently larger). MAD floors ``cosine_floor`` and ``log_floor`` keep close honest
+    averages from making tiny differences significant. State is plain data, identical on
+    every rank when fed identical reports (:meth:`state_dict` for checkpoints).
+    """
+
+    def __init__(self, world_size: int, decay: float = 0.95, threshold: float = DEFAULT_THRESHOLD,
+                 warmup: int = 10, cosine_floor: float = 0.05, log_floor: float = 0.2) -> None:
+        self.decay, self.threshold, self.warmup = decay, threshold, warmup
+        self.cosine_floor, self.log_floor = cosine_floor, log_floor
+        self.cosine_ema = [0.0] * world_size
+        self.log_norm_ema = [0.0] * world_size
+        self.updates = [0] * world_size
+
+    def update(self, cosines: list[float], norms: list[float]) -> list[int]:
+        """Fold one step's statistics in; the ranks flagged after it (sorted).
+
+        Raises ``ValueError`` when the lists do not have one entry per rank."""
+        n = len(self.updates)
+        if len(cosines) != n or len(norms) != n:
+            raise ValueError(f"expected {n} cosines and norms, got {len(cosines)} and {len(norms)}")
+        log_norms = _log(norms)
+        finite = [math.isfinite(c) and math.isfinite(v) for c, v in zip(cosines, log_norms)]
+        if not any(finite):
+            return []
+        median = statistics.median(v for v, ok in zip(log_norms, finite) if ok)
+        d = self.decay
+        for i in range(n):
+            if finite[i]:
+                self.cosine_ema[i] = d * self.cosine_ema[i] + (1 - d) * cosines[i]
+                self.log_norm_ema[i] = d * self.log_norm_ema[i] + (1 - d) * (log_norms[i] - median)
+                self.updates[i] += 1
+        ready = [i for i in range(n) if self.updates[i] >= self.warmup]
+        if len(ready) < 3:  # no majority to compare with
+            return []
+        cos = [self.cosine_ema[i] / (1 - d ** self.updates[i]) for i in ready]
+        log = [self.log_norm_ema[i] / (1 - d ** self.updates[i]) for i in ready]
+        z_c = robust_z(cos, floor=self.cosine_floor)
+        z_l = robust_z(log, floor=self.log_floor)
+        return sorted(r for r, zc, zl in zip(ready, z_c, z_l) if zc < -self.threshold or zl > self.threshold)
+
+    def state_dict(self) -> dict[str, list]:
+        return {"cosine_ema": list(self.cosine_ema), "log_norm_ema": list(self.log_norm_ema),
+                "updates": list(self.updates)}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        """Restore :meth:`state_dict`; ``ValueError`` if the world size differs."""
+        if len(state["updates"]) != len(self.updates):
+            raise ValueError(f"state has {len(state['updates'])} ranks, detector has {len(self.updates)}")
+        self.cosine_ema = [float(v) for v in state["cosine_ema"]]
+        self.log_norm_ema = [float(v) for v in state["log_norm_ema"]]
+        self.updates = [int(v) for v in state["updates"]]
 
 
 def false_alarm_rate(

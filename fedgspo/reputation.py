@@ -8,7 +8,9 @@ persisted as an entity). :meth:`ReputationTracker.update` folds one
 * a rank flagged in at least ``quarantine_after`` of its last ``window`` steps is
   quarantined: weight 0 (left out of the aggregate) but still measured every step;
 * a quarantined rank with ``rehabilitate_after`` consecutive clean steps is released and
-  its recent-flag window cleared.
+  its recent-flag window cleared;
+* a rank whose averages deviate across steps (:class:`~fedgspo.detection.PersistentDeviation`,
+  ``persistence``) counts as flagged too, even when no single step flagged it.
 
 The update is pure arithmetic on the report, so trackers on different ranks that see the
 same reports (reports are identical on every rank) stay identical. Call it once per
@@ -21,7 +23,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedgspo.detection import DEFAULT_THRESHOLD, PersistentDeviation
 from fedgspo.robust import RobustReport
+
+
+class PersistenceConfig(BaseModel):
+    """Detection across steps (:class:`fedgspo.detection.PersistentDeviation`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(True, description="Flag ranks whose averaged statistics deviate.")
+    decay: float = Field(0.95, gt=0, lt=1, description="EMA decay of the per-rank averages.")
+    threshold: float = Field(DEFAULT_THRESHOLD, gt=0, description="Robust z-score of an average that flags.")
+    warmup: int = Field(10, gt=0, description="Steps a rank is measured before it can be flagged.")
+    cosine_floor: float = Field(0.05, gt=0, description="MAD floor of the averaged cosines.")
+    log_floor: float = Field(0.2, gt=0, description="MAD floor of the averaged relative log norms.")
 
 
 class ReputationConfig(BaseModel):
@@ -33,6 +49,7 @@ class ReputationConfig(BaseModel):
     window: int = Field(10, gt=0, description="Recent steps considered for quarantine.")
     quarantine_after: int = Field(3, gt=0, description="Flags within the window that quarantine a rank.")
     rehabilitate_after: int = Field(20, gt=0, description="Consecutive clean steps that release a quarantined rank.")
+    persistence: PersistenceConfig = Field(default_factory=PersistenceConfig)
 
     @model_validator(mode="after")
     def _fits_window(self) -> "ReputationConfig":
@@ -64,12 +81,26 @@ class ReputationTracker:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.config = config or ReputationConfig()
         self.ranks = [RankReputation(rank=r) for r in range(world_size)]
+        self.persistence = self._detector()
 
-    def update(self, report: RobustReport) -> None:
-        """Fold one report in. Raises ``ValueError`` if it names a rank outside the world."""
+    def _detector(self) -> PersistentDeviation | None:
+        p = self.config.persistence
+        if not p.enabled:
+            return None
+        return PersistentDeviation(len(self.ranks), decay=p.decay, threshold=p.threshold, warmup=p.warmup,
+                                   cosine_floor=p.cosine_floor, log_floor=p.log_floor)
+
+    def update(self, report: RobustReport) -> list[int]:
+        """Fold one report in; returns the ranks flagged by the across-step test (sorted),
+        which count as flagged in this step like the report's own. Raises ``ValueError`` if
+        the report names a rank outside the world."""
         flagged = set(report.flagged)
         if any(not 0 <= r < len(self.ranks) for r in flagged):
             raise ValueError(f"report flags {sorted(flagged)} outside 0..{len(self.ranks) - 1}")
+        persistent: list[int] = []
+        if self.persistence is not None and len(report.cosines) == len(self.ranks) == len(report.norms):
+            persistent = self.persistence.update(report.cosines, report.norms)
+            flagged |= set(persistent)
         cfg = self.config
         for rep in self.ranks:
             bad = rep.rank in flagged
@@ -84,6 +115,7 @@ class ReputationTracker:
             elif not rep.quarantined and sum(rep.recent) >= cfg.quarantine_after:
                 rep.quarantined = True
                 rep.quarantines += 1
+        return persistent
 
     def quarantined(self) -> list[int]:
         """Ranks currently quarantined (pass as ``exclude=`` to the robust all-reduce)."""
@@ -95,7 +127,10 @@ class ReputationTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (JSON-serialisable) for checkpoints."""
-        return {"config": self.config.model_dump(), "ranks": [rep.model_dump() for rep in self.ranks]}
+        state = {"config": self.config.model_dump(), "ranks": [rep.model_dump() for rep in self.ranks]}
+        if self.persistence is not None:
+            state["persistence"] = self.persistence.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; raises ``ValueError`` if the world size differs."""
@@ -104,3 +139,6 @@ class ReputationTracker:
             raise ValueError(f"state has {len(ranks)} ranks, tracker has {len(self.ranks)}")
         self.config = ReputationConfig.model_validate(state["config"])
         self.ranks = ranks
+        self.persistence = self._detector()
+        if self.persistence is not None and "persistence" in state:
+            self.persistence.load_state_dict(state["persistence"])

@@ -1,0 +1,114 @@
+"""Detection precision and recall on real GSPO gradients: per step and across steps.
+
+n = 8 simulated ranks of the default configuration (statistics from
+``detection_calibration.collect``: real per-rank gradients, attacks applied to the last ``f``
+rows, coordinate median and trimmed mean with that ``f``), settings prompts_per_rank 2 and 8,
+at the initial weights and after ``--train-steps`` Adam steps. For each attack × rule × f the
+steps are fed in order to what the trainer runs: :func:`fedgspo.detection.detect` per step
+and :class:`~fedgspo.detection.PersistentDeviation` across steps (the reputation tracker's
+default), a rank being flagged when either flags it. Reported:
+
+* per step: recall (attacker rows flagged / attacker rows) and precision (attacker rows
+  flagged / rows flagged) over all steps, and over the steps after the across-step
+  warm-up; false flags per clean step;
+* per run: whether the set of ranks flagged in the last step is exactly the attackers.
+
+    python benchmarks/detection.py [--steps 30] [--train-steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, markdown_table, write_json  # noqa: E402
+from detection_calibration import ATTACKS, N, OVERT, collect  # noqa: E402
+
+from fedgspo.detection import PersistentDeviation, RankStatistics, detect  # noqa: E402
+from fedgspo.reputation import PersistenceConfig  # noqa: E402
+
+RULES = ("median", "trimmed_mean")
+
+
+def flag_sequence(steps: list[dict], persistence: PersistenceConfig) -> list[set[int]]:
+    """Per step, the ranks flagged per step or across steps (as the trainer combines them)."""
+    tracker = PersistentDeviation(N, decay=persistence.decay, threshold=persistence.threshold,
+                                  warmup=persistence.warmup, cosine_floor=persistence.cosine_floor,
+                                  log_floor=persistence.log_floor)
+    out = []
+    for s in steps:
+        per_step = set(detect(RankStatistics(s["distances"], s["cosines"], s["norms"])).flagged)
+        out.append(per_step | set(tracker.update(s["cosines"], s["norms"])))
+    return out
+
+
+def score(flags: list[set[int]], bad: set[int]) -> tuple[int, int, int]:
+    """(attacker rows flagged, honest rows flagged, attacker rows)."""
+    return (sum(len(f & bad) for f in flags), sum(len(f - bad) for f in flags), len(bad) * len(flags))
+
+
+def evaluate(data: dict, persistence: PersistenceConfig) -> list[dict]:
+    rows = []
+    warm = persistence.warmup
+    for setting, block in data.items():
+        recs = block["records"]
+        clean = [flag_sequence([r["clean"][rule] for r in recs], persistence) for rule in RULES]
+        false_flags = sum(len(f) for seq in clean for f in seq) / sum(len(seq) for seq in clean)
+        for kind in ATTACKS:
+            for f in (1, 2):
+                bad = set(range(N - f, N))
+                for rule in RULES:
+                    flags = flag_sequence([r[(kind, f)][rule] for r in recs], persistence)
+                    tp, fp, total = score(flags, bad)
+                    tp_w, fp_w, total_w = score(flags[warm:], bad)
+                    rows.append({"setting": setting, "attack": kind, "f": f, "rule": rule,
+                                 "recall": tp / total, "precision": tp / (tp + fp) if tp + fp else None,
+                                 "recall_after_warmup": tp_w / total_w,
+                                 "precision_after_warmup": tp_w / (tp_w + fp_w) if tp_w + fp_w else None,
+                                 "identified": flags[-1] == bad, "clean_false_flags_per_step": false_flags})
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[list]:
+    """One line per attack: pooled over settings, rules and f."""
+    table = []
+    for kind in ATTACKS:
+        sel = [r for r in rows if r["attack"] == kind]
+        def pooled(key: str) -> float:
+            return sum(r[key] for r in sel) / len(sel)
+        prec = [r["precision_after_warmup"] for r in sel if r["precision_after_warmup"] is not None]
+        table.append([kind, "yes" if kind in OVERT else "no", pooled("recall"), pooled("recall_after_warmup"),
+                      min(prec) if prec else "-", f"{sum(r['identified'] for r in sel)}/{len(sel)}"])
+    return table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30, help="steps per setting")
+    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--fresh", action="store_true", help="recompute the cached gradient statistics")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    persistence = PersistenceConfig()
+    data = {}
+    for ppr in (2, 8):
+        for phase, block in collect(ppr, args.steps, args.train_steps, args.lr, args.fresh).items():
+            data[f"ppr{ppr}/{phase}"] = block
+    rows = evaluate(data, persistence)
+    clean = {s: next(r["clean_false_flags_per_step"] for r in rows if r["setting"] == s) for s in data}
+    print(f"false flags per clean step: {clean}")
+    print(markdown_table(["attack", "overt", "recall (all steps)", f"recall (after {persistence.warmup} steps)",
+                          "min precision (after)", "runs identified"], summarise(rows)))
+    write_json(RESULTS / "detection.json", {
+        "config": {"n": N, "f": [1, 2], "rules": list(RULES), "steps": args.steps, "train_steps": args.train_steps,
+                   "persistence": persistence.model_dump()},
+        "clean_false_flags_per_step": clean, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
