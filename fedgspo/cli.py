@@ -13,6 +13,15 @@ at the next step boundary)::
     fedgspo stop RUN --keys keys.json
     fedgspo quarantine RUN RANK --keys keys.json
 
+Reading run directories (``runs/`` by default)::
+
+    fedgspo runs [DIR]                           # every run: status, steps, last reward, start
+    fedgspo show RUN                             # config highlights, reward, flags, checkpoints
+    fedgspo lineage RUN [--dot F] [--png F]      # checkpoint tree across resumes, pipeline stages
+    fedgspo reputation RUN [--history]           # per-rank trust, flags, quarantine
+    fedgspo events RUN [--follow] [--kind K]     # events.jsonl, optionally tailed
+    fedgspo plot RUN [--out F]                   # reward, loss and per-rank trust as PNG
+
 Exit codes: 0 success, 1 a check failed (the message names the bad file or line),
 2 invalid command line or unusable input. Errors are one line on stderr.
 
@@ -23,15 +32,37 @@ return the function that runs it; nothing else changes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from fedgspo.audit import AUDIT_FILE, AuditError, verify_audit_log
 from fedgspo.auth import AuthError, generate_keyring, load_keyring, write_keyring, write_request
 from fedgspo.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError, verify_checkpoint
+from fedgspo.lineage_render import render_dot, render_png, render_text
+from fedgspo.rundir import (
+    STALE_AFTER_S,
+    RunDirError,
+    RunInfo,
+    checkpoint_lineage,
+    checkpoints_on_disk,
+    final_reputation,
+    follow_events,
+    list_runs,
+    metrics,
+    read_config,
+    read_events,
+    read_summary,
+    reputation_history,
+    require_run_dir,
+    run_info,
+)
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -199,6 +230,181 @@ def _configure_quarantine(parser: argparse.ArgumentParser) -> Runner:
     return run
 
 
+# -- run directories -------------------------------------------------------------------------------
+
+def _need_matplotlib(what: str) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"{what} needs matplotlib: pip install 'fedgspo[plot]'")
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _when(info: RunInfo) -> str:
+    return info.started.astimezone().strftime("%Y-%m-%d %H:%M:%S") if info.started else "-"
+
+
+def _run_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN", help="run directory (e.g. runs/my-run)")
+
+
+@command("runs", "list the run directories under DIR (default runs/) with status, steps, last reward and start time")
+def _configure_runs(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("root", type=Path, nargs="?", default=Path("runs"), metavar="DIR")
+    parser.add_argument("--stale-after", type=float, default=STALE_AFTER_S, metavar="S",
+                        help="a run marked running with no write for S seconds is shown as crashed (default %(default)s)")
+
+    def run(args: argparse.Namespace) -> int:
+        infos = list_runs(args.root, stale_after_s=args.stale_after)
+        rows = [("RUN", "STATUS", "STEPS", "REWARD", "RANKS", "STARTED")]
+        rows += [(str(i.path.relative_to(args.root)), i.status,
+                  f"{i.steps}/{i.total_steps}" if i.total_steps else str(i.steps),
+                  _fmt(i.last_reward), str(i.world_size or "-"), _when(i)) for i in infos]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        print(f"{len(infos)} run(s) in {args.root}")
+        return 0
+    return run
+
+
+def _config_line(cfg: dict) -> str:
+    model, task, gspo, agg = (cfg.get(k) or {} for k in ("model", "task", "gspo", "aggregation"))
+    attack = cfg.get("attack") or {}
+    parts = [f"model {model.get('path') or model.get('arch')} h{model.get('hidden_size')} L{model.get('num_layers')}",
+             f"task {task.get('name')}", f"rule {agg.get('rule')}/{agg.get('mode')} f={agg.get('f')}",
+             f"lr {gspo.get('learning_rate')}", f"G={gspo.get('num_generations')}"]
+    if attack:
+        parts.append(f"attack {attack.get('kind')} on ranks {attack.get('ranks')}")
+    return "  ".join(parts)
+
+
+@command("show", "summarise a run: config highlights, steps, reward, flagged and quarantined ranks, checkpoints, weights")
+def _configure_show(parser: argparse.ArgumentParser) -> Runner:
+    _run_arg(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        info = run_info(args.run_dir)
+        summary = read_summary(args.run_dir) or {}
+        records = metrics(args.run_dir)
+        rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
+        window = min(10, len(rewards)) or 1
+        flagged: dict[int, int] = {}
+        for r in records:
+            for rank in r.get("flagged") or []:
+                flagged[rank] = flagged.get(rank, 0) + 1
+        quarantined = [r["rank"] for r in final_reputation(args.run_dir) if r.get("quarantined")]
+        checkpoints = [f"{d.name} (step {m.get('step')})" for d, m in checkpoints_on_disk(args.run_dir)]
+        hashes = set(summary.get("weights_sha256_per_rank") or [])
+        print(f"run          {args.run_dir}")
+        print(f"status       {info.status}, step {info.steps}/{info.total_steps or '?'}, "
+              f"{info.world_size or '?'} rank(s), started {_when(info)}")
+        print(f"config       {_config_line(read_config(args.run_dir))}")
+        if rewards:
+            print(f"reward       {sum(rewards[:window]) / window:.3f} (first {window} steps) -> "
+                  f"{sum(rewards[-window:]) / window:.3f} (last {window}); last step {rewards[-1]:.3f}")
+        print("flagged      " + (", ".join(f"rank {k}: {v} step(s)" for k, v in sorted(flagged.items())) or "none"))
+        print("quarantined  " + (", ".join(f"rank {k}" for k in quarantined) or "none"))
+        print("checkpoints  " + (", ".join(checkpoints) or "none"))
+        if summary.get("weights_sha256"):
+            agree = "all ranks agree" if len(hashes) <= 1 else f"RANKS DISAGREE: {len(hashes)} hashes"
+            print(f"weights      sha256 {summary['weights_sha256']} ({agree})")
+        return 0
+    return run
+
+
+@command("lineage", "print the checkpoint lineage of a run (parents across resumes, pipeline stages); "
+                    "--dot/--png write it as Graphviz DOT or a picture")
+def _configure_lineage(parser: argparse.ArgumentParser) -> Runner:
+    _run_arg(parser)
+    parser.add_argument("--dot", type=Path, default=None, metavar="FILE", help="also write Graphviz DOT to FILE")
+    parser.add_argument("--png", type=Path, default=None, metavar="FILE",
+                        help="also draw it to FILE (Graphviz `dot` if on PATH, else matplotlib)")
+
+    def run(args: argparse.Namespace) -> int:
+        lineage = checkpoint_lineage(args.run_dir)
+        print(render_text(lineage))
+        if args.dot:
+            args.dot.write_text(render_dot(lineage))
+            print(f"wrote {args.dot}")
+        if args.png:
+            if shutil.which("dot") is None:
+                _need_matplotlib("lineage --png without Graphviz")
+            print(f"wrote {args.png} ({render_png(lineage, args.png)})")
+        return 0
+    return run
+
+
+@command("reputation", "per-rank trust, flags and quarantine state of a run (--history: every change)")
+def _configure_reputation(parser: argparse.ArgumentParser) -> Runner:
+    _run_arg(parser)
+    parser.add_argument("--history", action="store_true", help="also list every change per rank")
+
+    def run(args: argparse.Namespace) -> int:
+        require_run_dir(args.run_dir)
+        ranks = final_reputation(args.run_dir)
+        if not ranks:
+            raise UsageError(f"{args.run_dir}: no reputation recorded (no summary.json, registry or events)")
+        print("RANK  TRUST  FLAGS  QUARANTINED")
+        for r in ranks:
+            times = f" ({r['quarantines']}x)" if r.get("quarantines") else ""
+            print(f"{r['rank']:>4}  {r['trust']:.3f}  {r['flags']:>5}  {'yes' if r['quarantined'] else 'no'}{times}")
+        if args.history:
+            for rank, points in reputation_history(args.run_dir).items():
+                changes = "; ".join(f"step {p.step}: {p.trust:.3f}{' Q' if p.quarantined else ''}" for p in points)
+                print(f"rank {rank}: {changes}")
+        return 0
+    return run
+
+
+def _event_line(event: dict) -> str:
+    when = datetime.fromtimestamp(event.get("timestamp", 0)).strftime("%H:%M:%S")
+    skip = {"type", "event_id", "timestamp", "parent_id", "rank", "step", "metrics"}
+    fields = " ".join(f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in event.items()
+                      if k not in skip and v is not None)
+    step = f"step {event['step']:>5}  " if event.get("step") is not None else " " * 12
+    return f"{when}  {step}{event.get('type', '?'):<22} {fields}".rstrip()
+
+
+@command("events", "print a run's events.jsonl (--follow: keep printing new events, like tail -f)")
+def _configure_events(parser: argparse.ArgumentParser) -> Runner:
+    _run_arg(parser)
+    parser.add_argument("--kind", action="append", default=None, metavar="TYPE",
+                        help="only events of this type, e.g. ByzantineRankFlagged (repeatable)")
+    parser.add_argument("--follow", "-f", action="store_true", help="wait for new events until interrupted")
+    parser.add_argument("--poll", type=float, default=0.5, metavar="S", help="--follow polls every S seconds")
+    parser.add_argument("--max-seconds", type=float, default=None, metavar="S", help="--follow stops after S seconds")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON lines")
+
+    def run(args: argparse.Namespace) -> int:
+        require_run_dir(args.run_dir)
+        events = (follow_events(args.run_dir, args.kind, poll_s=args.poll, max_seconds=args.max_seconds)
+                  if args.follow else read_events(args.run_dir, args.kind))
+        try:
+            for event in events:
+                print(json.dumps(event) if args.json else _event_line(event), flush=args.follow)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    return run
+
+
+@command("plot", "draw a run's reward, loss and per-rank trust over steps as PNG (needs matplotlib)")
+def _configure_plot(parser: argparse.ArgumentParser) -> Runner:
+    _run_arg(parser)
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="PNG file (default RUN/plot.png)")
+
+    def run(args: argparse.Namespace) -> int:
+        require_run_dir(args.run_dir)
+        _need_matplotlib("plot")
+        from fedgspo.run_plot import plot_run
+
+        print(f"wrote {plot_run(args.run_dir, args.out or args.run_dir / 'plot.png')}")
+        return 0
+    return run
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandFailed as err:
         print(f"fedgspo {args.command}: {err}", file=sys.stderr)
         return 1
-    except UsageError as err:
+    except (UsageError, RunDirError) as err:
         print(f"fedgspo {args.command}: error: {err}", file=sys.stderr)
         return 2
 
