@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import one_line_error
 
 from fedgspo.cli import main
 from fedgspo.lineage_render import render_png
@@ -38,12 +39,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def out_lines(capsys: pytest.CaptureFixture) -> list[str]:
     return capsys.readouterr().out.splitlines()
-
-
-def one_line_error(capsys: pytest.CaptureFixture) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err
 
 
 def test_runs_lists_status_steps_and_reward(runs: Path, capsys: pytest.CaptureFixture) -> None:
