@@ -71,6 +71,34 @@ def _check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def gram_matrix(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+    """``(n, n)`` float64 Gram matrix ``<x_i, x_j>`` of the full rows: one matrix product over
+    the shard and one reduction of ``n^2`` numbers (the products accumulate in the stack's
+    dtype)."""
+    return ctx.sum_over_shards((stack @ stack.T).double())
+
+
+class _Span:
+    """Points ``z = sum_j c_j x_j`` in the span of the rows, handled by their coefficients.
+
+    The iterative rules start at 0 and only ever move to combinations of the rows, so every
+    distance they need follows from the Gram matrix, ``||x_i - z||^2 = G_ii - 2 (G c)_i +
+    c^T G c``: one reduction per call instead of one per iteration, and the result vector is
+    formed once at the end.
+    """
+
+    def __init__(self, stack: torch.Tensor, ctx: ShardContext) -> None:
+        self.gram = gram_matrix(stack, ctx).cpu()
+
+    def sq_distances(self, c: torch.Tensor) -> torch.Tensor:
+        """Squared distances of the rows to the point with coefficients ``c`` (clamped at 0)."""
+        g = self.gram
+        return (g.diagonal() - 2 * (g @ c) + c @ g @ c).clamp_min(0)
+
+    def sq_norm(self, c: torch.Tensor) -> float:
+        return float(c @ self.gram @ c)
+
+
 def pairwise_sq_distances(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
     """``(n, n)`` float64 squared Euclidean distances between the full rows.
 
@@ -80,41 +108,10 @@ def pairwise_sq_distances(stack: torch.Tensor, ctx: ShardContext) -> torch.Tenso
     norms (relative ~1e-3 in float32) are rounding noise; rows far from each other, such
     as Byzantine outliers, are unaffected.
     """
-    gram = ctx.sum_over_shards((stack @ stack.T).double())
+    gram = gram_matrix(stack, ctx)
     sq = gram.diagonal()
     dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     return dist.fill_diagonal_(0)
-
-
-class _RowDistances:
-    """Squared distances of the full rows to a moving point: ``||x_i||^2 - 2<x_i, z> + ||z||^2``.
-
-    The first call is at the origin (where both iterative rules start) and reduces the rows'
-    squared norms, which are its answer; later calls cost one matrix-vector pass over the
-    shard and a reduction of ``n + 1`` numbers (plus ``extra`` scalars riding along).
-    """
-
-    def __init__(self, stack: torch.Tensor, ctx: ShardContext) -> None:
-        self.stack, self.ctx = stack, ctx
-        self.row_sq = torch.zeros(stack.shape[0], dtype=torch.float64)
-        self.point_sq = 0.0
-
-    def __call__(
-        self, point: torch.Tensor | None, extra: Sequence[torch.Tensor] = ()
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared distances to ``point`` (None: the origin) and the reduced ``extra`` values."""
-        n = self.stack.shape[0]
-        if point is None:
-            parts = [torch.linalg.vector_norm(self.stack, dim=1).double().square()]
-        else:
-            parts = [(self.stack @ point).double(), torch.dot(point, point).double().reshape(1)]
-        parts += [e.double().reshape(1) for e in extra]
-        total = self.ctx.sum_over_shards(torch.cat(parts)).cpu()
-        if point is None:
-            self.row_sq, self.point_sq = total[:n], 0.0
-            return self.row_sq, total[n:]
-        self.point_sq = float(total[n])
-        return (self.row_sq - 2 * total[:n] + self.point_sq).clamp_min(0), total[n + 1 :]
 
 
 def _combine(weights: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
@@ -363,8 +360,8 @@ class GeometricMedian(Aggregator):
     Args:
         f: recorded for the interface; the breakdown point is 1/2 (calls need ``2f < n``).
         eps: smoothing ``nu`` (> 0), the floor on distances.
-        max_iter: Weiszfeld iterations (>= 1); each costs one matrix-vector pass over the
-            shard and one tiny all-reduce when sharded.
+        max_iter: Weiszfeld iterations (>= 1); they run on the rows' Gram matrix (one
+            reduction of n^2 numbers when sharded, whatever the count).
         tol: relative stopping tolerance (>= 0).
 
     Returns:
@@ -401,20 +398,17 @@ class GeometricMedian(Aggregator):
     def aggregate(self, stack: torch.Tensor, ctx: ShardContext, weights: torch.Tensor | None = None) -> torch.Tensor:
         n = stack.shape[0]
         w = torch.ones(n, dtype=torch.float64) if weights is None else weights.cpu()
-        dists = _RowDistances(stack, ctx)
-        sq, _ = dists(None)
-        z = torch.zeros_like(stack[0])
+        span = _Span(stack, ctx)
+        c = torch.zeros(n, dtype=torch.float64)  # z_0 = 0
         for t in range(self.max_iter):
-            beta = w / sq.sqrt().clamp_min(self.eps)
-            z_next = _combine((beta / beta.sum()).to(stack.device), stack)
+            beta = w / span.sq_distances(c).sqrt().clamp_min(self.eps)
+            c_next = beta / beta.sum()
             if t == self.max_iter - 1:
                 break
-            # Distances to z_{t+1} for the next step, and the step ||z_{t+1} - z_t||^2 with them.
-            sq, step = dists(z_next, [(z_next - z).square().sum()] if self.tol > 0 else [])
-            if self.tol > 0 and float(step[0]) <= self.tol**2 * dists.point_sq:
+            if self.tol > 0 and span.sq_norm(c_next - c) <= self.tol**2 * span.sq_norm(c_next):
                 break
-            z = z_next
-        return z_next
+            c = c_next
+        return _combine(c_next.to(stack.device), stack)
 
 
 class CenteredClipping(Aggregator):
@@ -427,7 +421,8 @@ class CenteredClipping(Aggregator):
     Args:
         f: recorded for the interface (robustness comes from ``tau``).
         tau: clipping radius (> 0).
-        iterations: ``L`` (>= 1); each costs one tiny all-reduce when sharded.
+        iterations: ``L`` (>= 1); they run on the rows' Gram matrix (one reduction of
+            n^2 numbers when sharded, whatever the count).
 
     Returns:
         ``(d,)`` tensor.
@@ -455,15 +450,12 @@ class CenteredClipping(Aggregator):
         n = stack.shape[0]
         w = torch.ones(n, dtype=torch.float64) if weights is None else weights.cpu()
         w = w / w.sum()
-        dists = _RowDistances(stack, ctx)
-        sq, _ = dists(None)
-        v = torch.zeros_like(stack[0])
-        for it in range(self.iterations):
-            scale = w * torch.clamp(self.tau / sq.sqrt(), max=1.0)
-            v = v + _combine(scale.to(stack.device), stack) - scale.sum().item() * v
-            if it < self.iterations - 1:
-                sq, _ = dists(v)
-        return v
+        span = _Span(stack, ctx)
+        c = torch.zeros(n, dtype=torch.float64)  # v_0 = 0
+        for _ in range(self.iterations):
+            scale = w * torch.clamp(self.tau / span.sq_distances(c).sqrt(), max=1.0)
+            c = c * (1 - scale.sum()) + scale
+        return _combine(c.to(stack.device), stack)
 
 
 class PreAggregator(ABC):
