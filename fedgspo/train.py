@@ -282,10 +282,12 @@ class Trainer:
         if self.proof_failed:
             report = dataclasses.replace(report, flagged=sorted(set(report.flagged) | set(self.proof_failed)))
         was_quarantined = set(self.reputation.quarantined())
-        self.reputation.update(report)
+        persistent = self.reputation.update(report)  # deviations across steps count as flags
+        if persistent:
+            report = dataclasses.replace(report, flagged=sorted(set(report.flagged) | set(persistent)))
         for r in report.flagged:
             self._audit(DETECTION, {"subject_rank": r, "z": report.z_scores[r] if r < len(report.z_scores) else None,
-                                    "nonfinite": r in report.nonfinite}, rank=r)
+                                    "nonfinite": r in report.nonfinite, "persistent": r in persistent}, rank=r)
         for r in set(self.reputation.quarantined()) - was_quarantined:
             self._audit(QUARANTINE, {"subject_rank": r, "trust": self.reputation.ranks[r].trust}, rank=r)
         return report
