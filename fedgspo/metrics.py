@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,9 @@ def numeric_fields(record: dict[str, Any]) -> Iterator[tuple[str, int | None, fl
 
 class PrometheusExporter:
     """Serve the latest value of every numeric record field as a gauge named
-    ``fedgspo_<key>`` (non-alphanumerics as ``_``; per-rank fields with a ``rank`` label), from
-    a registry of its own, on a daemon thread. :meth:`close` stops the server and frees the port."""
+    ``fedgspo_<key>`` (non-alphanumerics as ``_``; per-rank fields with a ``rank`` label), and
+    the step as ``fedgspo_step``, from a registry of its own, on a daemon thread. :meth:`close`
+    stops the server and frees the port."""
 
     def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -85,6 +87,7 @@ class PrometheusExporter:
         self._gauges: dict[str, Any] = {}
 
     def update(self, record: dict[str, Any]) -> None:
+        (self._gauges.get("step") or self._new_gauge("step", per_rank=False)).set(record["step"])
         for key, rank, value in numeric_fields(record):
             gauge = self._gauges.get(key) or self._new_gauge(key, per_rank=rank is not None)
             (gauge if rank is None else gauge.labels(rank=str(rank))).set(value)
@@ -103,6 +106,30 @@ class PrometheusExporter:
         self._thread.join()
 
 
+class TensorBoardScalars:
+    """Every numeric field of a record as TensorBoard scalars (per-rank ones tagged
+    ``<key>/<rank>``), written as one event per step: a fraction of the cost of one
+    ``SummaryWriter.add_scalar`` call per field. Events are flushed by tensorboard's writer
+    thread and on :meth:`close`."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event, self._summary = Event, Summary
+        self._writer = EventFileWriter(str(log_dir))
+
+    def add(self, record: dict[str, Any]) -> None:
+        values = [self._summary.Value(tag=key if rank is None else f"{key}/{rank}", simple_value=value)
+                  for key, rank, value in numeric_fields(record)]
+        self._writer.add_event(self._event(wall_time=time.time(), step=int(record["step"]),
+                                           summary=self._summary(value=values)))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsLogger:
     """Append step records to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard and a
     :class:`PrometheusExporter`."""
@@ -113,20 +140,14 @@ class MetricsLogger:
         # The endpoint first: a port that cannot be bound leaves nothing open behind it.
         self.prometheus = (PrometheusExporter(cfg.prometheus_port, cfg.prometheus_addr)
                            if cfg.prometheus_port is not None else None)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self._tb = TensorBoardScalars(Path(run_dir) / "tensorboard") if tensorboard else None
         self._file = self.path.open("a", buffering=1)
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record; it must contain an integer ``step``."""
-        step = int(record["step"])
         self._file.write(json.dumps({k: jsonable(v) for k, v in record.items()}) + "\n")
         if self._tb is not None:
-            for key, rank, value in numeric_fields(record):
-                self._tb.add_scalar(key if rank is None else f"{key}/{rank}", value, step)
+            self._tb.add(record)
         if self.prometheus is not None:
             self.prometheus.update(record)
 

@@ -58,7 +58,7 @@ def test_prometheus_endpoint_serves_the_latest_record(tmp_path):
     logger.log(RECORD)
     logger.log({**RECORD, "step": 4, "reward_mean": 0.75})
     text = _scrape(port)
-    assert "fedgspo_reward_mean 0.75" in text
+    assert "fedgspo_reward_mean 0.75" in text and "fedgspo_step 4.0" in text
     assert 'fedgspo_rank_trust{rank="1"} 0.25' in text
     assert "fedgspo_reward_exact_match 0.125" in text and "fedgspo_consensus_failed 1.0" in text
     logger.close()
