@@ -21,7 +21,7 @@ flipped rewards give exactly the negated advantages, i.e. the ``sign_flip`` grad
 Statistics are cached under ``/tmp/fedgspo_detcal`` (``--fresh`` recomputes), so iterating
 on the rule is instant. Output: a table on stdout and ``results/detection_calibration.json``.
 
-    python benchmarks/detection_calibration.py [--steps 25] [--train-steps 100] [--fresh]
+    python benchmarks/detection_calibration.py [--steps 25] [--train-steps 100] [--fresh] [--quick]
 """
 
 from __future__ import annotations
@@ -260,7 +260,11 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--quick", action="store_true", help="3 clean steps per setting after 5 training steps")
+    p.add_argument("--out", type=Path, default=RESULTS / "detection_calibration.json")
     args = p.parse_args()
+    if args.quick:
+        args.steps, args.train_steps = 3, 5
     torch.set_num_threads(1)
     data = {ppr: collect(ppr, args.steps, args.train_steps, args.lr, args.fresh) for ppr in (2, 8)}
     results = {"rules": [], "honest": {f"ppr{ppr}": honest_summary(d) for ppr, d in data.items()}}
@@ -279,7 +283,7 @@ def main() -> None:
     results["config"] = {"n": N, "f": [1, 2], "steps": args.steps, "train_steps": args.train_steps, "lr": args.lr,
                          "aggregators": ["median", "trimmed_mean"], "default_threshold": DEFAULT_THRESHOLD,
                          "overt": list(OVERT)}
-    write_json(RESULTS / "detection_calibration.json", results)
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,271 @@
+"""fedgspo against TRL's ``GRPOTrainer`` with ``importance_sampling_level="sequence"`` (GSPO).
+
+Both sides train the same tiny random-init Llama (``fedgspo.model.build_model``, seed 0) on
+the same task (``DigitTask`` prompts; for TRL an in-memory ``datasets.Dataset`` and the char
+tokenizer wrapped as a ``PreTrainedTokenizerFast`` built in code), the same weighted reward
+functions, group size, completion length, prompts per process and step, learning rate and
+Adam betas, ``num_iterations=1``, ``beta=0``, clip range 3e-4 / 4e-4 and TRL's
+``loss_type="grpo"`` (fedgspo's reduction). fedgspo runs ``fedgspo.train`` with everything on
+(bookkeeping, audit, metrics, checkpoints); TRL logs every step and saves nothing. Nothing is
+downloaded.
+
+For 1 and 2 processes (``torchrun``, gloo on CPU, for both), interleaved over repeats, each
+side is its own process group and reports
+
+* ``s/step``: wall time of the training loop (``Trainer.train`` / ``fedgspo.train.run``
+  including set-up and the final checkpoint) divided by the optimizer steps;
+* ``tokens/s``: completion tokens generated per wall second over all processes (prompt
+  tokens not counted), from each side's own logged mean completion length.
+
+The loss check feeds both implementations identical data — weights, prompts, completions,
+masks, advantages and old log-probs perturbed so that the sequence ratios straddle the clip
+range — and compares TRL's ``GRPOTrainer._compute_loss`` with :func:`fedgspo.gspo.gspo_loss`
+on fedgspo's log-probs: loss values, log-probs and gradients, on equal-length prompts (no
+padding) and on a left-padded batch.
+
+Needs TRL (the ``bench-trl`` extra), best in its own venv::
+
+    python3 -m venv /work/venv-trl && /work/venv-trl/bin/pip install torch==2.13.0 && \\
+        /work/venv-trl/bin/pip install -e ".[bench-trl]"
+    /work/venv-trl/bin/python benchmarks/vs_trl.py [--steps 30] [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, markdown_table, write_json  # noqa: E402
+
+from fedgspo.config import Config, load_config  # noqa: E402
+from fedgspo.gspo import group_advantages, gspo_loss  # noqa: E402
+from fedgspo.model import build_model  # noqa: E402
+from fedgspo.rewards import WeightedReward, get_reward  # noqa: E402
+from fedgspo.rollout import completion_logps, generate  # noqa: E402
+from fedgspo.task import DigitTask  # noqa: E402
+
+SIDES = ("fedgspo", "trl")
+TARGET = 1.5  # issue #8: fedgspo >= 1.5 x TRL's tokens/s
+# What both sides share; fedgspo's names (TRL's are the same where they exist).
+SETTINGS = ["gspo.num_iterations=1", "gspo.beta=0.0", "gspo.num_generations=8", "gspo.max_completion_length=6",
+            "task.prompts_per_rank=8", "gspo.learning_rate=1e-3", "gspo.adam_beta2=0.99",
+            "run.progress_bar=false", "run.log_every=1000000"]
+
+
+def shared_config(steps: int, extra: list[str] | None = None) -> Config:
+    """The fedgspo configuration both sides are built from."""
+    return load_config(None, SETTINGS + [f"train.max_steps={steps}", *(extra or [])])
+
+
+def trl_tokenizer() -> Any:
+    """fedgspo's character tokenizer as a ``PreTrainedTokenizerFast`` (BOS prepended, like
+    ``DigitTask`` prompts; decoding concatenates characters)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = DigitTask(load_config(None, []).task, seed=0).tokenizer
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(chars.vocab)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", chars.bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", padding_side="left")
+
+
+def trl_trainer(cfg: Config, out_dir: Path, world_size: int) -> Any:
+    """A ``GRPOTrainer`` configured like ``cfg`` on the prompts fedgspo's ranks would see."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    g, task = cfg.gspo, DigitTask(cfg.task, seed=cfg.train.seed)
+    tok = task.tokenizer
+    rows = [{"prompt": p, "answer": a} for step in range(cfg.train.max_steps) for rank in range(world_size)
+            for p, a in zip(*(lambda b: (b.prompts, b.answers))(task.sample(rank, step)))]
+    model = build_model(cfg.model, tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                        seed=cfg.train.seed)
+    args = GRPOConfig(
+        output_dir=str(out_dir), max_steps=cfg.train.max_steps, seed=cfg.train.seed, use_cpu=True, bf16=False,
+        per_device_train_batch_size=cfg.task.prompts_per_rank * g.num_generations,
+        num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+        num_iterations=g.num_iterations, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
+        importance_sampling_level=g.importance_sampling_level, loss_type="grpo", scale_rewards="group",
+        temperature=g.temperature, learning_rate=g.learning_rate, adam_beta1=g.adam_beta1,
+        adam_beta2=g.adam_beta2, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm,
+        lr_scheduler_type="constant", shuffle_dataset=False, logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_vllm=False)
+    return GRPOTrainer(model=model, args=args, processing_class=trl_tokenizer(), train_dataset=Dataset.from_list(rows),
+                       reward_funcs=[get_reward(r.name) for r in cfg.task.reward_funcs])
+
+
+def set_threads(world_size: int) -> None:
+    """One thread per process when several share the CPU, else two (as fedgspo.train)."""
+    torch.set_num_threads(1 if world_size > 1 else 2)
+
+
+def worker_trl(cfg: Config) -> dict[str, float] | None:
+    """Train with TRL; rank 0 returns wall seconds and completion tokens."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    set_threads(world)
+    with tempfile.TemporaryDirectory(prefix="fedgspo-vs-trl-") as out:
+        trainer = trl_trainer(cfg, Path(out), world)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        if not trainer.accelerator.is_main_process:
+            return None
+        batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * world
+        lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
+        return {"seconds": seconds, "steps": len(lengths), "tokens": sum(lengths) * batch}
+
+
+def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
+    """Train with ``fedgspo.train``; rank 0 returns wall seconds and completion tokens."""
+    from fedgspo.distributed import broadcast_object, destroy_distributed, init_distributed
+    from fedgspo.metrics import read_metrics
+    from fedgspo.train import run
+
+    ctx = init_distributed("cpu")
+    set_threads(ctx.world_size)
+    root = Path(broadcast_object(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
+    t0 = time.perf_counter()
+    run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": root / "run"})}), ctx)
+    seconds = time.perf_counter() - t0
+    destroy_distributed()
+    if not ctx.is_main:
+        return None
+    batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * ctx.world_size
+    lengths = [r["completion_len"] for r in read_metrics(root / "run")]
+    return {"seconds": seconds, "steps": len(lengths), "tokens": sum(lengths) * batch}
+
+
+def launch(side: str, nproc: int, steps: int) -> dict[str, float]:
+    """Run one side in fresh processes (torchrun for ``nproc > 1``) and read its figures."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        script = [str(Path(__file__).resolve()), "worker", side, "--steps", str(steps), "--result", out.name]
+        prefix = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        proc = subprocess.run(prefix + script, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{side} on {nproc} process(es) failed:\n{proc.stderr[-4000:]}")
+        return json.loads(Path(out.name).read_text())
+
+
+def loss_check(padded: bool) -> dict[str, float]:
+    """TRL's ``_compute_loss`` and fedgspo's ``gspo_loss`` on identical data: the two losses,
+    the largest log-prob difference and the relative difference of the gradients."""
+    extra = [] if padded else ["task.min_digits=4", "task.max_digits=4"]
+    cfg = shared_config(1, extra)
+    g = cfg.gspo
+    set_threads(1)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = trl_trainer(cfg, Path(out), 1)
+        model = trainer.model
+        task = DigitTask(cfg.task, seed=0)
+        batch, tok = task.sample(0, 0), task.tokenizer
+        roll = generate(model, batch.input_ids, batch.attention_mask, num_generations=g.num_generations,
+                        max_new_tokens=g.max_completion_length, temperature=g.temperature, eos_id=tok.eos_id,
+                        pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0))
+        rewards, _ = WeightedReward.from_names([(r.name, r.weight) for r in cfg.task.reward_funcs])(
+            [p for p in batch.prompts for _ in range(g.num_generations)],
+            [tok.decode(r) for r in roll.completion_ids.tolist()],
+            answer=[a for a in batch.answers for _ in range(g.num_generations)])
+        adv = group_advantages(torch.tensor(rewards), g.num_generations)
+        old = roll.old_logps + 2e-3 * torch.randn(roll.old_logps.shape, generator=torch.Generator().manual_seed(1))
+        old = old * roll.completion_mask
+        lp = roll.prompt_length
+        inputs = {"prompt_ids": roll.input_ids[:, :lp], "prompt_mask": roll.attention_mask[:, :lp],
+                  "completion_ids": roll.completion_ids, "completion_mask": roll.completion_mask.long(),
+                  "advantages": adv, "old_per_token_logps": old}
+        model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        model.zero_grad()
+        trl_loss = trainer._compute_loss(model, inputs)
+        trl_loss.backward()
+        trl_grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        model.zero_grad()
+        logps, _ = completion_logps(model, roll, g.temperature)
+        ours = gspo_loss(logps, old, adv, roll.completion_mask, epsilon=g.epsilon, epsilon_high=g.epsilon_high)
+        ours.backward()
+        our_grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        trl_logps = trainer._get_per_token_logps_and_entropies(
+            model, roll.input_ids, roll.attention_mask, roll.completion_ids.shape[1])[0].detach()
+    mask = roll.completion_mask.bool()
+    ratio = torch.exp(((logps.detach() - old) * roll.completion_mask).sum(-1) / roll.completion_mask.sum(-1))
+    return {"padded": padded, "trl_loss": trl_loss.item(), "fedgspo_loss": ours.item(),
+            "loss_abs_diff": abs(trl_loss.item() - ours.item()),
+            "logps_max_abs_diff": (trl_logps - logps.detach())[mask].abs().max().item(),
+            "grad_rel_diff": ((trl_grad - our_grad).norm() / our_grad.norm().clamp(min=1e-30)).item(),
+            "outside_clip_frac": ((ratio < 1 - g.epsilon) | (ratio > 1 + g.epsilon_high)).float().mean().item()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    worker = sub.add_parser("worker", help="one side, one process group (internal)")
+    worker.add_argument("side", choices=SIDES)
+    worker.add_argument("--steps", type=int, required=True)
+    worker.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--quick", action="store_true", help="10 steps x 2 repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS / "vs_trl.json")
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        cfg = shared_config(args.steps)
+        figures = (worker_trl if args.side == "trl" else worker_fedgspo)(cfg)
+        if figures is not None:
+            args.result.write_text(json.dumps(figures))
+        return
+
+    import trl
+
+    steps, repeats = (10, 2) if args.quick else (args.steps, args.repeats)
+    samples: dict[int, dict[str, list[dict[str, float]]]] = {n: {s: [] for s in SIDES} for n in args.nprocs}
+    for rep in range(repeats):
+        for nproc in args.nprocs:
+            for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
+                samples[nproc][side].append(launch(side, nproc, steps))
+    checks = [loss_check(padded=False), loss_check(padded=True)]
+
+    rows, result = [], {}
+    for nproc, by_side in samples.items():
+        per = {side: {"s_per_step": [r["seconds"] / r["steps"] for r in runs],
+                      "tokens_per_s": [r["tokens"] / r["seconds"] for r in runs]} for side, runs in by_side.items()}
+        speedup = [f["tokens_per_s"] / t["tokens_per_s"] for f, t in zip(by_side["fedgspo"], by_side["trl"])]
+        step_ratio = [t["seconds"] / t["steps"] / (f["seconds"] / f["steps"])
+                      for f, t in zip(by_side["fedgspo"], by_side["trl"])]
+        result[nproc] = {"per_side": per, "tokens_per_s_ratio": speedup, "step_time_ratio_trl_over_fedgspo": step_ratio}
+        for side in SIDES:
+            rows.append([nproc, side, statistics.median(per[side]["s_per_step"]) * 1e3,
+                         statistics.median(per[side]["tokens_per_s"]),
+                         f"{statistics.median(speedup):.2f} ({min(speedup):.2f}-{max(speedup):.2f})"
+                         if side == "fedgspo" else ""])
+    print(f"\nfedgspo vs TRL {trl.__version__} GRPOTrainer (GSPO), {steps} steps x {repeats} repeats, "
+          "completion tokens per wall second (medians; ratio per repeat)\n")
+    print(markdown_table(["processes", "side", "ms/step", "tokens/s", "x TRL tokens/s (range)"], rows))
+    print("\nloss on identical data (TRL _compute_loss vs fedgspo gspo_loss)\n")
+    print(markdown_table(["prompts", "TRL loss", "fedgspo loss", "|diff|", "max |logp diff|", "grad rel diff"],
+                         [["left-padded" if c["padded"] else "equal length", c["trl_loss"], c["fedgspo_loss"],
+                           c["loss_abs_diff"], c["logps_max_abs_diff"], c["grad_rel_diff"]] for c in checks]))
+    met = all(statistics.median(r["tokens_per_s_ratio"]) >= TARGET for r in result.values())
+    print(f"\ntarget fedgspo >= {TARGET} x TRL tokens/s: {'met' if met else 'missed'}")
+    write_json(args.out, {"trl": trl.__version__, "steps": steps, "repeats": repeats, "settings": SETTINGS,
+                          "samples": samples, "result": result, "loss_check": checks, "target": TARGET, "met": met})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

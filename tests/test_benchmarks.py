@@ -1,0 +1,37 @@
+"""The benchmark entry point runs a named quick benchmark and writes the suite JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def test_list_names_every_benchmark() -> None:
+    out = subprocess.run([sys.executable, str(RUN), "--list"], capture_output=True, text=True, check=True).stdout
+    for name in ("gspo_overhead", "vs_trl", "profile_step", "aggregation", "entities", "integrity",
+                 "robustness", "detection_calibration"):
+        assert name in out
+
+
+def test_unknown_name_is_a_usage_error() -> None:
+    proc = subprocess.run([sys.executable, str(RUN), "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown benchmark" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_suite_json(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(RUN), "entities", "--quick", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "## summary" in proc.stdout
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert suite["quick"] is True and suite["machine"]["torch"]
+    (entry,) = suite["runs"]
+    assert entry["name"] == "entities" and entry["status"] == "ok"
+    assert entry["result"] and (tmp_path / "entities.json").exists()
