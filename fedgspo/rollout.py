@@ -1,7 +1,8 @@
 """Rollouts: sample a group of completions per prompt with a KV cache, keep their log-probs.
 
-The log-probs of the sampled tokens are recorded while sampling, under the same temperature
-the loss uses, so they serve as ``old_logps`` without a second forward pass.
+Each prompt is prefilled once and its cache shared by its ``G`` completions; then one batched
+forward per token. The log-probs of the sampled tokens are recorded while sampling, under the
+same temperature the loss uses, so they serve as ``old_logps`` without a second forward pass.
 """
 
 from __future__ import annotations
@@ -59,40 +60,44 @@ def generate(
     was_training = model.training
     model.eval()
     device = prompt_ids.device
-    ids = prompt_ids.repeat_interleave(num_generations, dim=0)
-    mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-    prompt_attention = mask
-    batch, prompt_len = ids.shape
+    prompts, prompt_len = prompt_ids.shape
+    batch = prompts * num_generations
+    # One prefill per prompt; its cache and last logits are then shared by the G completions.
+    positions = _positions(prompt_mask)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache_kw = _cache_keyword(type(model))
+    cache = getattr(out, cache_kw)
+    cache.batch_repeat_interleave(num_generations)
+    logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)
+    positions = positions[:, -1:].repeat_interleave(num_generations, dim=0)
+    # The attention mask of the whole sequence, filled in as tokens are sampled.
+    mask = torch.zeros((batch, prompt_len + max_new_tokens), dtype=prompt_mask.dtype, device=device)
+    mask[:, :prompt_len] = prompt_mask.repeat_interleave(num_generations, dim=0)
     completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
-    positions = _positions(mask)
-    cache_kw = _cache_keyword(type(model))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
     for t in range(max_new_tokens):
-        step_logps = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        step_logps = F.log_softmax(logits.float() / temperature, dim=-1)
         token = torch.multinomial(step_logps.exp(), 1, generator=generator).squeeze(-1)
         token = token.masked_fill(finished, pad_id)
         completion[:, t] = token
         logps[:, t] = step_logps.gather(-1, token.unsqueeze(-1)).squeeze(-1).masked_fill(finished, 0.0)
-        lengths += (~finished).long()
+        mask[:, prompt_len + t] = (~finished).to(mask.dtype)
         finished |= token == eos_id
-        if t + 1 == max_new_tokens or bool(finished.all()):
+        if t + 1 == max_new_tokens or bool(finished.all()):  # the one host sync per token
             break
-        mask = torch.cat([mask, (~finished).long().unsqueeze(-1)], dim=-1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_kw: getattr(out, cache_kw)})
+        positions = positions + 1
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=mask[:, :prompt_len + t + 1],
+                    position_ids=positions, use_cache=True, **{cache_kw: cache})
+        cache, logits = getattr(out, cache_kw), out.logits[:, -1]
     model.train(was_training)
 
-    steps = torch.arange(max_new_tokens, device=device)
-    completion_mask = (steps.unsqueeze(0) < lengths.unsqueeze(1)).float()
+    completion_mask = mask[:, prompt_len:].float()
     return Rollout(
-        input_ids=torch.cat([ids, completion], dim=-1),
-        attention_mask=torch.cat([prompt_attention, completion_mask.long()], dim=-1),
+        input_ids=torch.cat([prompt_ids.repeat_interleave(num_generations, dim=0), completion], dim=-1),
+        attention_mask=mask,
         completion_ids=completion,
         completion_mask=completion_mask,
         old_logps=logps,
@@ -100,17 +105,24 @@ def generate(
     )
 
 
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits).gather(-1, index)`` without materialising the log-softmax: the
+    chosen logit minus the log-sum-exp over the vocabulary."""
+    return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def completion_logps(model: PreTrainedModel, rollout: Rollout, temperature: float,
                      *, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, T)`` log-probs of the completion tokens under ``model`` (with gradient), at the
     sampling temperature so they compare with ``rollout.old_logps``; with ``hidden=True`` also
     the detached ``(B, T, H)`` last-layer states at the completion tokens (for rollout proofs,
-    at no extra forward pass), else ``None``."""
+    at no extra forward pass), else ``None``. Logits are computed for the completion positions
+    only."""
     mask = rollout.attention_mask
-    out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask),
-                use_cache=False, output_hidden_states=hidden)
     start, width = rollout.prompt_length - 1, rollout.completion_ids.shape[1]
-    logits = out.logits[:, start:start + width].float() / temperature
-    logps = F.log_softmax(logits, dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask),
+                use_cache=False, output_hidden_states=hidden, logits_to_keep=width + 1)
+    logits = out.logits[:, :width].float() / temperature
+    logps = selective_log_softmax(logits, rollout.completion_ids)
     states = out.hidden_states[-1][:, start + 1:start + 1 + width].detach().float() if hidden else None
     return logps, states

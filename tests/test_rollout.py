@@ -6,7 +6,7 @@ import torch
 
 from fedgspo.config import ModelConfig, TaskConfig
 from fedgspo.model import build_model, weights_sha256
-from fedgspo.rollout import completion_logps, generate
+from fedgspo.rollout import completion_logps, generate, selective_log_softmax
 from fedgspo.task import DigitTask
 
 
@@ -65,3 +65,18 @@ def test_model_build_is_deterministic():
     _, _, m2 = _setup(seed=1)
     _, _, m3 = _setup(seed=2)
     assert weights_sha256(m1) == weights_sha256(m2) != weights_sha256(m3)
+
+
+def test_selective_log_softmax_equals_gathered_log_softmax():
+    logits = torch.randn(3, 5, 17, dtype=torch.float64)
+    index = torch.randint(0, 17, (3, 5))
+    expected = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(selective_log_softmax(logits, index), expected)
+
+
+def test_completions_of_a_prompt_share_its_prompt():
+    task, tok, model = _setup()
+    roll = _rollout(model, task, tok)
+    prompts = task.sample(0, 0).input_ids.repeat_interleave(3, dim=0)
+    assert torch.equal(roll.input_ids[:, :roll.prompt_length], prompts)
+    assert torch.equal(roll.attention_mask[:, roll.prompt_length:].float(), roll.completion_mask)
