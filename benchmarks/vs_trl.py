@@ -210,6 +210,24 @@ def loss_check(padded: bool) -> dict[str, float]:
             "outside_clip_frac": ((ratio < 1 - g.epsilon) | (ratio > 1 + g.epsilon_high)).float().mean().item()}
 
 
+def table(samples: dict[int, dict[str, list[dict[str, float]]]]) -> tuple[list[list[Any]], dict[int, Any]]:
+    """Table rows and per-process-count figures: each side's s/step and tokens/s per repeat,
+    and the per-repeat ratios fedgspo / TRL of tokens/s and TRL / fedgspo of s/step."""
+    rows, result = [], {}
+    for nproc, by_side in samples.items():
+        per = {side: {"s_per_step": [r["seconds"] / r["steps"] for r in runs],
+                      "tokens_per_s": [r["tokens"] / r["seconds"] for r in runs]} for side, runs in by_side.items()}
+        speedup = [f / t for f, t in zip(per["fedgspo"]["tokens_per_s"], per["trl"]["tokens_per_s"])]
+        step_ratio = [t / f for f, t in zip(per["fedgspo"]["s_per_step"], per["trl"]["s_per_step"])]
+        result[nproc] = {"per_side": per, "tokens_per_s_ratio": speedup, "step_time_ratio_trl_over_fedgspo": step_ratio}
+        for side in SIDES:
+            ratio = (f"{statistics.median(speedup):.2f} ({min(speedup):.2f}-{max(speedup):.2f})"
+                     if side == "fedgspo" else "")
+            rows.append([nproc, side, statistics.median(per[side]["s_per_step"]) * 1e3,
+                         statistics.median(per[side]["tokens_per_s"]), ratio])
+    return rows, result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -238,21 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         for nproc in args.nprocs:
             for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
                 samples[nproc][side].append(launch(side, nproc, steps))
+                print(f"repeat {rep}, {nproc} process(es), {side}: {samples[nproc][side][-1]}", flush=True)
     checks = [loss_check(padded=False), loss_check(padded=True)]
 
-    rows, result = [], {}
-    for nproc, by_side in samples.items():
-        per = {side: {"s_per_step": [r["seconds"] / r["steps"] for r in runs],
-                      "tokens_per_s": [r["tokens"] / r["seconds"] for r in runs]} for side, runs in by_side.items()}
-        speedup = [f["tokens_per_s"] / t["tokens_per_s"] for f, t in zip(by_side["fedgspo"], by_side["trl"])]
-        step_ratio = [t["seconds"] / t["steps"] / (f["seconds"] / f["steps"])
-                      for f, t in zip(by_side["fedgspo"], by_side["trl"])]
-        result[nproc] = {"per_side": per, "tokens_per_s_ratio": speedup, "step_time_ratio_trl_over_fedgspo": step_ratio}
-        for side in SIDES:
-            rows.append([nproc, side, statistics.median(per[side]["s_per_step"]) * 1e3,
-                         statistics.median(per[side]["tokens_per_s"]),
-                         f"{statistics.median(speedup):.2f} ({min(speedup):.2f}-{max(speedup):.2f})"
-                         if side == "fedgspo" else ""])
+    rows, result = table(samples)
     print(f"\nfedgspo vs TRL {trl.__version__} GRPOTrainer (GSPO), {steps} steps x {repeats} repeats, "
           "completion tokens per wall second (medians; ratio per repeat)\n")
     print(markdown_table(["processes", "side", "ms/step", "tokens/s", "x TRL tokens/s (range)"], rows))
