@@ -7,6 +7,7 @@ methods wrapped by timers, so the phases are the real code paths, not a re-imple
 * ``generate``: KV-cached sampling (``fedgspo.rollout.generate``);
 * ``rewards``: decoding, reward functions, advantages (the rest of ``Trainer.collect``);
 * ``logps``: the policy forward of the loss (``completion_logps``);
+* ``proofs``: rollout proofs checked across ranks (``Trainer.verify_rollouts``, 2+ ranks);
 * ``loss``: ``gspo_loss_and_stats``; ``backward``: the rest of ``compute_gradients``;
 * ``aggregate``: ``Trainer.aggregate`` (robust all-reduce, reputation, audit of flags);
 * ``optimizer``: ``Trainer.optimizer_step`` (clip, AdamW, schedule);
@@ -51,11 +52,12 @@ WRAPPED: list[tuple[Any, str, str]] = [
     (train_mod, "generate", "generate"),
     (train_mod.Trainer, "compute_gradients", "gradients"),
     (train_mod, "completion_logps", "logps"),
+    (train_mod.Trainer, "verify_rollouts", "proofs"),
     (train_mod, "gspo_loss_and_stats", "loss"),
     (train_mod.Trainer, "aggregate", "aggregate"),
     (train_mod.Trainer, "optimizer_step", "optimizer"),
 ]
-PHASES = ["generate", "rewards", "logps", "loss", "backward", "aggregate", "optimizer", "bookkeeping"]
+PHASES = ["generate", "rewards", "logps", "proofs", "loss", "backward", "aggregate", "optimizer", "bookkeeping"]
 
 
 class PhaseTimer:
@@ -86,7 +88,8 @@ class PhaseTimer:
             "rewards": raw["collect"] - raw["generate"],
             "logps": raw["logps"],
             "loss": raw["loss"],
-            "backward": raw["gradients"] - raw["logps"] - raw["loss"],
+            "proofs": raw["proofs"],
+            "backward": raw["gradients"] - raw["logps"] - raw["proofs"] - raw["loss"],
             "aggregate": raw["aggregate"],
             "optimizer": raw["optimizer"],
             "bookkeeping": raw["step"] - raw["collect"] - raw["gradients"] - raw["aggregate"] - raw["optimizer"],

@@ -12,10 +12,14 @@ downloaded.
 For 1 and 2 processes (``torchrun``, gloo on CPU, for both), interleaved over repeats, each
 side is its own process group and reports
 
-* ``s/step``: wall time of the training loop (``Trainer.train`` / ``fedgspo.train.run``
-  including set-up and the final checkpoint) divided by the optimizer steps;
-* ``tokens/s``: completion tokens generated per wall second over all processes (prompt
-  tokens not counted), from each side's own logged mean completion length.
+* ``ms/step``: mean wall time of one optimizer step (TRL: ``on_step_begin`` to
+  ``on_step_end``; fedgspo: ``Trainer.train_step``), each including rollout, scoring, loss,
+  backward, aggregation, optimizer and logging;
+* ``tokens/s``: completion tokens generated per second of those steps over all processes
+  (prompt tokens not counted), from each side's own logged mean completion length;
+* ``run``: the same per wall second of the whole training call (``Trainer.train`` /
+  ``fedgspo.train.run``: fedgspo's includes building its trainer, registry and model, and
+  the final checkpoint; TRL's trainer is built before the clock starts).
 
 The loss check feeds both implementations identical data — weights, prompts, completions,
 masks, advantages and old log-probs perturbed so that the sequence ratios straddle the clip
@@ -48,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, markdown_table, write_json  # noqa: E402
+from profile_step import PhaseTimer, instrumented  # noqa: E402
 
 from fedgspo.config import Config, load_config  # noqa: E402
 from fedgspo.gspo import group_advantages, gspo_loss  # noqa: E402
@@ -109,6 +114,26 @@ def trl_trainer(cfg: Config, out_dir: Path, world_size: int) -> Any:
                        reward_funcs=[get_reward(r.name) for r in cfg.task.reward_funcs])
 
 
+class StepTimes:
+    """A ``TrainerCallback`` keeping the wall time of every optimizer step (generation,
+    scoring, loss, backward, optimizer and logging: TRL does them all inside the step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def __getattr__(self, name: str) -> Any:  # every other TrainerCallback hook: no-op
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
 def set_threads(world_size: int) -> None:
     """One thread per process when several share the CPU, else two (as fedgspo.train)."""
     torch.set_num_threads(1 if world_size > 1 else 2)
@@ -120,6 +145,8 @@ def worker_trl(cfg: Config) -> dict[str, float] | None:
     set_threads(world)
     with tempfile.TemporaryDirectory(prefix="fedgspo-vs-trl-") as out:
         trainer = trl_trainer(cfg, Path(out), world)
+        steps = StepTimes()
+        trainer.add_callback(steps)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -127,7 +154,8 @@ def worker_trl(cfg: Config) -> dict[str, float] | None:
             return None
         batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * world
         lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
-        return {"seconds": seconds, "steps": len(lengths), "tokens": sum(lengths) * batch}
+        return {"seconds": seconds, "loop_seconds": sum(steps.times), "steps": len(lengths),
+                "tokens": sum(lengths) * batch}
 
 
 def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
@@ -139,15 +167,18 @@ def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
     ctx = init_distributed("cpu")
     set_threads(ctx.world_size)
     root = Path(broadcast_object(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
+    timer = PhaseTimer()
     t0 = time.perf_counter()
-    run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": root / "run"})}), ctx)
+    with instrumented(timer):
+        run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": root / "run"})}), ctx)
     seconds = time.perf_counter() - t0
     destroy_distributed()
     if not ctx.is_main:
         return None
     batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * ctx.world_size
     lengths = [r["completion_len"] for r in read_metrics(root / "run")]
-    return {"seconds": seconds, "steps": len(lengths), "tokens": sum(lengths) * batch}
+    return {"seconds": seconds, "loop_seconds": sum(s["step"] for s in timer.steps), "steps": len(lengths),
+            "tokens": sum(lengths) * batch}
 
 
 def launch(side: str, nproc: int, steps: int) -> dict[str, float]:
@@ -215,16 +246,19 @@ def table(samples: dict[int, dict[str, list[dict[str, float]]]]) -> tuple[list[l
     and the per-repeat ratios fedgspo / TRL of tokens/s and TRL / fedgspo of s/step."""
     rows, result = [], {}
     for nproc, by_side in samples.items():
-        per = {side: {"s_per_step": [r["seconds"] / r["steps"] for r in runs],
-                      "tokens_per_s": [r["tokens"] / r["seconds"] for r in runs]} for side, runs in by_side.items()}
-        speedup = [f / t for f, t in zip(per["fedgspo"]["tokens_per_s"], per["trl"]["tokens_per_s"])]
-        step_ratio = [t / f for f, t in zip(per["fedgspo"]["s_per_step"], per["trl"]["s_per_step"])]
-        result[nproc] = {"per_side": per, "tokens_per_s_ratio": speedup, "step_time_ratio_trl_over_fedgspo": step_ratio}
+        per = {side: {"loop_s_per_step": [r["loop_seconds"] / r["steps"] for r in runs],
+                      "run_s_per_step": [r["seconds"] / r["steps"] for r in runs],
+                      "tokens_per_s": [r["tokens"] / r["loop_seconds"] for r in runs],
+                      "run_tokens_per_s": [r["tokens"] / r["seconds"] for r in runs]} for side, runs in by_side.items()}
+        ratios = {key: [f / t for f, t in zip(per["fedgspo"][key], per["trl"][key])]
+                  for key in ("tokens_per_s", "run_tokens_per_s")}
+        result[nproc] = {"per_side": per, "ratio_fedgspo_over_trl": ratios}
         for side in SIDES:
-            ratio = (f"{statistics.median(speedup):.2f} ({min(speedup):.2f}-{max(speedup):.2f})"
-                     if side == "fedgspo" else "")
-            rows.append([nproc, side, statistics.median(per[side]["s_per_step"]) * 1e3,
-                         statistics.median(per[side]["tokens_per_s"]), ratio])
+            cells = [f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" if side == "fedgspo" else ""
+                     for v in ratios.values()]
+            rows.append([nproc, side, statistics.median(per[side]["loop_s_per_step"]) * 1e3,
+                         statistics.median(per[side]["tokens_per_s"]), cells[0],
+                         statistics.median(per[side]["run_s_per_step"]) * 1e3, cells[1]])
     return rows, result
 
 
@@ -262,12 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     rows, result = table(samples)
     print(f"\nfedgspo vs TRL {trl.__version__} GRPOTrainer (GSPO), {steps} steps x {repeats} repeats, "
           "completion tokens per wall second (medians; ratio per repeat)\n")
-    print(markdown_table(["processes", "side", "ms/step", "tokens/s", "x TRL tokens/s (range)"], rows))
+    print(markdown_table(["processes", "side", "ms/step", "tokens/s", "x TRL tokens/s (range)",
+                          "run ms/step", "run x TRL tokens/s"], rows))
     print("\nloss on identical data (TRL _compute_loss vs fedgspo gspo_loss)\n")
     print(markdown_table(["prompts", "TRL loss", "fedgspo loss", "|diff|", "max |logp diff|", "grad rel diff"],
                          [["left-padded" if c["padded"] else "equal length", c["trl_loss"], c["fedgspo_loss"],
                            c["loss_abs_diff"], c["logps_max_abs_diff"], c["grad_rel_diff"]] for c in checks]))
-    met = all(statistics.median(r["tokens_per_s_ratio"]) >= TARGET for r in result.values())
+    met = all(statistics.median(r["ratio_fedgspo_over_trl"]["tokens_per_s"]) >= TARGET for r in result.values())
     print(f"\ntarget fedgspo >= {TARGET} x TRL tokens/s: {'met' if met else 'missed'}")
     write_json(args.out, {"trl": trl.__version__, "steps": steps, "repeats": repeats, "settings": SETTINGS,
                           "samples": samples, "result": result, "loss_check": checks, "target": TARGET, "met": met})
