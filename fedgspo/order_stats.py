@@ -29,8 +29,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Shards narrower than this run eagerly: compiling (seconds, once) is not worth it.
-COMPILE_MIN_COLUMNS = 1 << 16
+#: Shards narrower than this run eagerly. The first compilation costs ~3 s; at 2.5M columns it
+#: saves ~12 ms per call (4 rows: 15 ms eager, 3.6 ms compiled), at 250k columns only 0.6 ms,
+#: which a run of a few thousand steps never earns back.
+COMPILE_MIN_COLUMNS = 1 << 20
 
 
 class Comparator(NamedTuple):
@@ -127,6 +129,8 @@ def order_statistic_mean(stack: torch.Tensor, lo: int, hi: int, *, compiled: boo
         one or two positions give the median.
     """
     n = stack.shape[0]
+    if lo == 0 and hi == n:  # nothing trimmed: the plain mean, no network
+        return stack.sum(0) / n if n > 1 else stack[0].clone()
     network = selection_network(n, lo, hi)
     use_compiled = compiled if compiled is not None else (
         compile_enabled() and stack.shape[1] >= COMPILE_MIN_COLUMNS
