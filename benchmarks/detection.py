@@ -13,7 +13,7 @@ default), a rank being flagged when either flags it. Reported:
   warm-up; false flags per clean step;
 * per run: whether the set of ranks flagged in the last step is exactly the attackers.
 
-    python benchmarks/detection.py [--steps 30] [--train-steps 150]
+    python benchmarks/detection.py [--steps 30] [--train-steps 150] [--quick] [--out FILE]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def evaluate(data: dict, persistence: PersistenceConfig) -> list[dict]:
                     tp_w, fp_w, total_w = score(flags[warm:], bad)
                     rows.append({"setting": setting, "attack": kind, "f": f, "rule": rule,
                                  "recall": tp / total, "precision": tp / (tp + fp) if tp + fp else None,
-                                 "recall_after_warmup": tp_w / total_w,
+                                 "recall_after_warmup": tp_w / total_w if total_w else None,
                                  "precision_after_warmup": tp_w / (tp_w + fp_w) if tp_w + fp_w else None,
                                  "identified": flags[-1] == bad, "clean_false_flags_per_step": false_flags})
     return rows
@@ -78,8 +78,9 @@ def summarise(rows: list[dict]) -> list[list]:
     table = []
     for kind in ATTACKS:
         sel = [r for r in rows if r["attack"] == kind]
-        def pooled(key: str) -> float:
-            return sum(r[key] for r in sel) / len(sel)
+        def pooled(key: str) -> float | str:
+            values = [r[key] for r in sel if r[key] is not None]
+            return sum(values) / len(values) if values else "-"
         prec = [r["precision_after_warmup"] for r in sel if r["precision_after_warmup"] is not None]
         table.append([kind, "yes" if kind in OVERT else "no", pooled("recall"), pooled("recall_after_warmup"),
                       min(prec) if prec else "-", f"{sum(r['identified'] for r in sel)}/{len(sel)}"])
@@ -92,7 +93,11 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--fresh", action="store_true", help="recompute the cached gradient statistics")
+    p.add_argument("--quick", action="store_true", help="12 steps per setting after 5 training steps")
+    p.add_argument("--out", type=Path, default=RESULTS / "detection.json")
     args = p.parse_args()
+    if args.quick:
+        args.steps, args.train_steps = 12, 5
     torch.set_num_threads(1)
     persistence = PersistenceConfig()
     data = {}
@@ -104,7 +109,7 @@ def main() -> None:
     print(f"false flags per clean step: {clean}")
     print(markdown_table(["attack", "overt", "recall (all steps)", f"recall (after {persistence.warmup} steps)",
                           "min precision (after)", "runs identified"], summarise(rows)))
-    write_json(RESULTS / "detection.json", {
+    write_json(args.out, {
         "config": {"n": N, "f": [1, 2], "rules": list(RULES), "steps": args.steps, "train_steps": args.train_steps,
                    "persistence": persistence.model_dump()},
         "clean_false_flags_per_step": clean, "rows": rows})

@@ -57,6 +57,7 @@ BENCHMARKS: dict[str, Bench] = {
     "entities": Bench("entities.py"),
     "integrity": Bench("integrity.py", quick=["--repeats", "2"]),
     "detection_calibration": Bench("detection_calibration.py", cheap=False),
+    "detection": Bench("detection.py", cheap=False),
     "robustness": Bench("robustness.py", cheap=False, out_folder=True),
 }
 

@@ -15,7 +15,7 @@ RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 def test_list_names_every_benchmark() -> None:
     out = subprocess.run([sys.executable, str(RUN), "--list"], capture_output=True, text=True, check=True).stdout
     for name in ("gspo_overhead", "vs_trl", "profile_step", "aggregation", "entities", "integrity",
-                 "robustness", "detection_calibration"):
+                 "robustness", "detection_calibration", "detection"):
         assert name in out
 
 
