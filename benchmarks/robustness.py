@@ -16,6 +16,7 @@ Run (default matrix: 38 runs of 8 ranks, ~33 min on 2 CPU cores)::
     python benchmarks/robustness.py --quick                     # smoke check, ~3 min
     python benchmarks/robustness.py --attacks sign_flip alie --rules median --f 1 2
     python benchmarks/robustness.py --from-json benchmarks/results/robustness.json   # tables again
+    python benchmarks/robustness.py --from-json seed0/robustness.json seed1/robustness.json  # seeds averaged
 
 Output: both tables (markdown) on stdout, ``<out>/robustness.json`` (machine info, the
 resolved config and per-run figures of every run; rewritten after each run, so an
@@ -33,6 +34,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -203,6 +205,44 @@ def run_cell(cell: Cell, runs_dir: Path, nproc: int, steps: int, seed: int, time
     }
 
 
+def average_seeds(seeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One run per cell from the runs of several seeds: rewards and curves averaged over the
+    seeds whose run succeeded, flags pooled (precision and recall over all of them), skipped
+    steps summed, ``seeds`` the number averaged. A single seed's runs are returned as they are."""
+    if len(seeds) == 1:
+        return seeds[0]
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for runs in seeds:
+        for run in runs:
+            by_cell.setdefault(run["name"], []).append(run)
+    merged = []
+    for group in by_cell.values():
+        done = [r for r in group if r["figures"]]
+        if not done:
+            merged.append({**group[0], "seeds": 0})
+            continue
+        figs = [r["figures"] for r in done]
+        curves = [f["reward_curve"] for f in figs]
+        length = min(map(len, curves))
+        records_steps = sum(f["steps"] for f in figs)
+        true_flags, false_flags = sum(f["true_flags"] for f in figs), sum(f["false_flags"] for f in figs)
+        attackers = len(done[0]["attackers"])
+        merged.append({**done[0], "seeds": len(done), "figures": {
+            "steps": figs[0]["steps"],
+            "reward_initial": statistics.mean(f["reward_initial"] for f in figs),
+            "reward_final": statistics.mean(f["reward_final"] for f in figs),
+            "reward_curve": [statistics.mean(c[i] for c in curves) for i in range(length)],
+            "step_time_s": statistics.mean(f["step_time_s"] for f in figs),
+            "true_flags": true_flags, "false_flags": false_flags,
+            "precision": true_flags / (true_flags + false_flags) if true_flags + false_flags and attackers else None,
+            "recall": true_flags / (attackers * records_steps) if attackers else None,
+            "false_flags_per_step": false_flags / records_steps,
+            "consensus_failed_steps": sum(f["consensus_failed_steps"] for f in figs),
+            "quarantined_at_end": sorted({q for f in figs for q in f["quarantined_at_end"]}),
+        }})
+    return merged
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -302,8 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=1, help="extra tries of a failed run (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the successful runs of <out>/robustness.json; run the rest")
-    parser.add_argument("--from-json", type=Path, default=None,
-                        help="run nothing: print the tables and plot of an earlier (possibly partial) robustness.json")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="run nothing: print the tables and plot of earlier (possibly partial) robustness.json "
+                             "files; several (other --seed runs of the matrix) are averaged cell by cell")
     return parser.parse_args(argv)
 
 
@@ -354,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     Exit code 1 if a run failed."""
     args = parse_args(argv)
     if args.from_json:
-        runs = json.loads(args.from_json.read_text())["runs"]
+        runs = average_seeds([json.loads(path.read_text())["runs"] for path in args.from_json])
     else:
         json_path = args.out / "robustness.json"
         runs = run_matrix(matrix_of(args), args, args.steps or (20 if args.quick else 120), json_path)
