@@ -27,6 +27,10 @@ from fedgspo.detection import DEFAULT_THRESHOLD, PersistentDeviation
 from fedgspo.robust import RobustReport
 
 
+#: Key of the across-step test that sees every step, whatever its phase.
+ALL_PHASES = -1
+
+
 class PersistenceConfig(BaseModel):
     """Detection across steps (:class:`fedgspo.detection.PersistentDeviation`)."""
 
@@ -81,25 +85,36 @@ class ReputationTracker:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.config = config or ReputationConfig()
         self.ranks = [RankReputation(rank=r) for r in range(world_size)]
-        self.persistence = self._detector()
+        # The across-step test over all steps (ALL_PHASES) and per phase of a rollout, and
+        # each one's latest verdict.
+        self.persistence: dict[int, PersistentDeviation] = {}
+        self._persistent_flags: dict[int, list[int]] = {}
 
-    def _detector(self) -> PersistentDeviation | None:
+    def _detector(self) -> PersistentDeviation:
         p = self.config.persistence
-        if not p.enabled:
-            return None
         return PersistentDeviation(len(self.ranks), decay=p.decay, threshold=p.threshold, warmup=p.warmup,
                                    cosine_floor=p.cosine_floor, log_floor=p.log_floor)
 
-    def update(self, report: RobustReport) -> list[int]:
+    def update(self, report: RobustReport, phase: int = 0) -> list[int]:
         """Fold one report in; returns the ranks flagged by the across-step test (sorted),
         which count as flagged in this step like the report's own. Raises ``ValueError`` if
-        the report names a rank outside the world."""
+        the report names a rank outside the world.
+
+        ``phase`` says which update of a rollout this is (``step % num_iterations``): a
+        rollout's first update (ratio 1) and its later ones (mostly clipped) have different
+        statistics, so besides the average over all steps each phase is averaged on its own
+        (warm-up counted per phase), and a rank in any of their latest verdicts is flagged.
+        (A flipped-reward rank looks like a sign flip on the first update only: averaged with
+        the second, it was never flagged.)"""
         flagged = set(report.flagged)
         if any(not 0 <= r < len(self.ranks) for r in flagged):
             raise ValueError(f"report flags {sorted(flagged)} outside 0..{len(self.ranks) - 1}")
         persistent: list[int] = []
-        if self.persistence is not None and len(report.cosines) == len(self.ranks) == len(report.norms):
-            persistent = self.persistence.update(report.cosines, report.norms)
+        if self.config.persistence.enabled and len(report.cosines) == len(self.ranks) == len(report.norms):
+            for key in (ALL_PHASES, phase):
+                detector = self.persistence.setdefault(key, self._detector())
+                self._persistent_flags[key] = detector.update(report.cosines, report.norms)
+            persistent = sorted(set().union(*self._persistent_flags.values()))
             flagged |= set(persistent)
         cfg = self.config
         for rep in self.ranks:
@@ -127,10 +142,9 @@ class ReputationTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (JSON-serialisable) for checkpoints."""
-        state = {"config": self.config.model_dump(), "ranks": [rep.model_dump() for rep in self.ranks]}
-        if self.persistence is not None:
-            state["persistence"] = self.persistence.state_dict()
-        return state
+        return {"config": self.config.model_dump(), "ranks": [rep.model_dump() for rep in self.ranks],
+                "persistence": {str(phase): {**det.state_dict(), "flags": self._persistent_flags.get(phase, [])}
+                                for phase, det in self.persistence.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; raises ``ValueError`` if the world size differs."""
@@ -139,6 +153,9 @@ class ReputationTracker:
             raise ValueError(f"state has {len(ranks)} ranks, tracker has {len(self.ranks)}")
         self.config = ReputationConfig.model_validate(state["config"])
         self.ranks = ranks
-        self.persistence = self._detector()
-        if self.persistence is not None and "persistence" in state:
-            self.persistence.load_state_dict(state["persistence"])
+        self.persistence, self._persistent_flags = {}, {}
+        for phase, saved in state.get("persistence", {}).items():
+            detector = self._detector()
+            detector.load_state_dict(saved)
+            self.persistence[int(phase)] = detector
+            self._persistent_flags[int(phase)] = [int(r) for r in saved["flags"]]

@@ -282,7 +282,8 @@ class Trainer:
         if self.proof_failed:
             report = dataclasses.replace(report, flagged=sorted(set(report.flagged) | set(self.proof_failed)))
         was_quarantined = set(self.reputation.quarantined())
-        persistent = self.reputation.update(report)  # deviations across steps count as flags
+        # Deviations across steps count as flags (averaged per update of a rollout).
+        persistent = self.reputation.update(report, phase=step % self.cfg.gspo.num_iterations)
         if persistent:
             report = dataclasses.replace(report, flagged=sorted(set(report.flagged) | set(persistent)))
         for r in report.flagged:
