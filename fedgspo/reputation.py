@@ -80,10 +80,15 @@ class RankReputation(BaseModel):
 class ReputationTracker:
     """Reputations of all ``world_size`` ranks, updated from robust all-reduce reports."""
 
-    def __init__(self, world_size: int, config: ReputationConfig | None = None) -> None:
+    def __init__(self, world_size: int, config: ReputationConfig | None = None, phases: int = 1) -> None:
+        """``phases``: updates per rollout (``gspo.num_iterations``); with more than one, the
+        across-step test also averages each phase on its own (:meth:`update`)."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if phases < 1:
+            raise ValueError(f"phases must be >= 1, got {phases}")
         self.config = config or ReputationConfig()
+        self.phases = phases
         self.ranks = [RankReputation(rank=r) for r in range(world_size)]
         # The across-step test over all steps (ALL_PHASES) and per phase of a rollout, and
         # each one's latest verdict.
@@ -111,9 +116,11 @@ class ReputationTracker:
             raise ValueError(f"report flags {sorted(flagged)} outside 0..{len(self.ranks) - 1}")
         persistent: list[int] = []
         if self.config.persistence.enabled and len(report.cosines) == len(self.ranks) == len(report.norms):
-            for key in (ALL_PHASES, phase):
-                detector = self.persistence.setdefault(key, self._detector())
-                self._persistent_flags[key] = detector.update(report.cosines, report.norms)
+            # With one phase per rollout, the per-phase test would repeat the all-steps one.
+            for key in (ALL_PHASES,) if self.phases == 1 else (ALL_PHASES, phase % self.phases):
+                if key not in self.persistence:
+                    self.persistence[key] = self._detector()
+                self._persistent_flags[key] = self.persistence[key].update(report.cosines, report.norms)
             persistent = sorted(set().union(*self._persistent_flags.values()))
             flagged |= set(persistent)
         cfg = self.config

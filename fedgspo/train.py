@@ -192,7 +192,7 @@ class Trainer:
         # Robust aggregation and whom to trust.
         self.rule = agg.rule
         self.f = tolerated_f(self.rule, agg.f, ctx.world_size)
-        self.reputation = ReputationTracker(ctx.world_size, agg.reputation)
+        self.reputation = ReputationTracker(ctx.world_size, agg.reputation, phases=gspo.num_iterations)
         self.attack = cfg.attack
         # Sampling differs per rank; everything that must agree across ranks uses the cfg seed.
         self.sampler = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 9973 + ctx.rank)

@@ -123,7 +123,7 @@ def test_reputation_quarantines_a_persistent_attacker_and_can_be_disabled():
 def test_each_phase_of_a_rollout_is_averaged_on_its_own():
     """An attacker that deviates only on the first update of each rollout, while the second
     update's statistics differ from the first's for everyone, is flagged on every step."""
-    rng, tracker = random.Random(4), ReputationTracker(N)
+    rng, tracker = random.Random(4), ReputationTracker(N, phases=2)
     flags = []
     for step in range(60):
         cos, norms = honest_step(rng)
@@ -133,7 +133,7 @@ def test_each_phase_of_a_rollout_is_averaged_on_its_own():
             norms = [n * 0.05 for n in norms]  # later updates: mostly clipped, small for all
         flags.append(tracker.update(report(cos, norms), phase=step % 2))
     assert all(f == [N - 1] for f in flags[25:])
-    restored = ReputationTracker(N)
+    restored = ReputationTracker(N, phases=2)
     restored.load_state_dict(tracker.state_dict())
     cos, norms = honest_step(rng)
     assert restored.update(report(cos, norms), phase=1) == tracker.update(report(cos, norms), phase=1)
