@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fedgspo.robust import robust_all_reduce
-from fedgspo.shard_exchange import all_gather_single
+from fedgspo.robust.all_reduce import robust_all_reduce
+from fedgspo.robust.shard_exchange import all_gather_single
 
 # (label, rule, f, mode, options); f is reduced to what the world size allows.
 CASES: list[tuple[str, str, int, str, dict[str, float | int]]] = [

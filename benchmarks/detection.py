@@ -4,8 +4,8 @@ n = 8 simulated ranks of the default configuration (statistics from
 ``detection_calibration.collect``: real per-rank gradients, attacks applied to the last ``f``
 rows, coordinate median and trimmed mean with that ``f``), settings prompts_per_rank 2 and 8,
 at the initial weights and after ``--train-steps`` Adam steps. For each attack × rule × f the
-steps are fed in order to what the trainer runs: :func:`fedgspo.detection.detect` per step
-and :class:`~fedgspo.detection.PersistentDeviation` across steps (the reputation tracker's
+steps are fed in order to what the trainer runs: :func:`fedgspo.robust.detection.detect` per step
+and :class:`~fedgspo.robust.detection.PersistentDeviation` across steps (the reputation tracker's
 default), a rank being flagged when either flags it. Reported:
 
 * per step: recall (attacker rows flagged / attacker rows) and precision (attacker rows
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, write_json  # noqa: E402
 from detection_calibration import ATTACKS, N, OVERT, collect  # noqa: E402
 
-from fedgspo.detection import PersistentDeviation, RankStatistics, detect  # noqa: E402
-from fedgspo.reputation import PersistenceConfig  # noqa: E402
+from fedgspo.robust.detection import PersistentDeviation, RankStatistics, detect  # noqa: E402
+from fedgspo.robust.reputation import PersistenceConfig  # noqa: E402
 
 RULES = ("median", "trimmed_mean")
 

@@ -1,16 +1,16 @@
-"""Calibrate :func:`fedgspo.detection.detect` on real per-rank GSPO gradients.
+"""Calibrate :func:`fedgspo.robust.detection.detect` on real per-rank GSPO gradients.
 
 One process simulates ``n = 8`` ranks of the default configuration (tiny llama policy,
-:class:`~fedgspo.task.DigitTask`, the default weighted reward, GSPO loss at the first update
+:class:`~fedgspo.gspo.task.DigitTask`, the default weighted reward, GSPO loss at the first update
 of a rollout). For each setting (``prompts_per_rank`` 2 and 8; initial weights and weights
 after ``--train-steps`` Adam steps on the mean gradient of the 8 ranks) and each step it
 
 1. computes the 8 honest flat gradients (rollout, rewards, group advantages, loss, backward);
 2. for ``f`` in 1, 2 and every attack, replaces the last ``f`` rows by the attacked ones
-   (the local attacks of :mod:`fedgspo.attacks` with their default strengths; ALIE as
+   (the local attacks of :mod:`fedgspo.robust.attacks` with their default strengths; ALIE as
    ``mean - z * std`` and IPM as ``-0.1 * mean`` of the honest rows), aggregates the finite
    rows with the coordinate median and the trimmed mean (both with that ``f``), and stores
-   the per-rank statistics exactly as :mod:`fedgspo.robust` computes them (float64 sums);
+   the per-rank statistics exactly as :mod:`fedgspo.robust.all_reduce` computes them (float64 sums);
 3. evaluates candidate detection rules on the cached statistics: false flags per clean step,
    and per attack recall (attacker rows flagged) and precision (flagged rows that attack),
    plus how often more than ``f`` ranks get flagged (a consensus failure in robust.py).
@@ -38,10 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_json  # noqa: E402
 
-from fedgspo.aggregators import CoordinateMedian, TrimmedMean  # noqa: E402
-from fedgspo.attacks import _LOCAL, AttackConfig, alie_z, strength_of  # noqa: E402
+from fedgspo.robust.aggregators import CoordinateMedian, TrimmedMean  # noqa: E402
+from fedgspo.robust.attacks import _LOCAL, AttackConfig, alie_z, strength_of  # noqa: E402
 from fedgspo.config import Config  # noqa: E402
-from fedgspo.detection import (  # noqa: E402
+from fedgspo.robust.detection import (  # noqa: E402
     DEFAULT_THRESHOLD,
     Detection,
     RankStatistics,
@@ -50,11 +50,11 @@ from fedgspo.detection import (  # noqa: E402
     robust_z,
     statistics_from_sums,
 )
-from fedgspo.gspo import group_advantages, gspo_loss  # noqa: E402
-from fedgspo.model import build_model  # noqa: E402
-from fedgspo.rewards import WeightedReward  # noqa: E402
-from fedgspo.rollout import completion_logps, generate  # noqa: E402
-from fedgspo.task import DigitTask  # noqa: E402
+from fedgspo.gspo.loss import group_advantages, gspo_loss  # noqa: E402
+from fedgspo.gspo.model import build_model  # noqa: E402
+from fedgspo.gspo.rewards import WeightedReward  # noqa: E402
+from fedgspo.gspo.rollout import completion_logps, generate  # noqa: E402
+from fedgspo.gspo.task import DigitTask  # noqa: E402
 
 N = 8
 CACHE = Path("/tmp/fedgspo_detcal")
@@ -239,7 +239,7 @@ def honest_summary(data: dict) -> dict:
 
 RULES = [
     {"name": "legacy"},  # the previous rule: two-sided norm z, log floor 0.1, cosine floor 0.05
-    {"name": "default"},  # fedgspo.detection defaults
+    {"name": "default"},  # fedgspo.robust.detection defaults
     {"name": "log_floor 0.5", "log_floor": 0.5},
     {"name": "log_floor 0.3", "log_floor": 0.3},
     {"name": "cos_bound -0.5", "cosine_bound": -0.5},

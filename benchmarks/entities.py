@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info  # noqa: E402
 
 from fedgspo.entities import EntityRegistry, EntityTree, NullRegistry, ReputationEntity
-from fedgspo.events import EventBus, NullEventBus, StepCompleted
+from fedgspo.entities.events import EventBus, NullEventBus, StepCompleted
 
 
 def per_op_us(fn: Callable[[int], None], n: int, repeats: int) -> float:

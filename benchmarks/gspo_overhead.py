@@ -49,11 +49,11 @@ from profile_step import PhaseTimer, instrumented  # noqa: E402
 
 from fedgspo.config import Config, load_config  # noqa: E402
 from fedgspo.distributed import DistContext, broadcast_object, init_distributed  # noqa: E402
-from fedgspo.gspo import group_advantages, gspo_loss  # noqa: E402
-from fedgspo.model import build_model  # noqa: E402
-from fedgspo.rewards import WeightedReward  # noqa: E402
-from fedgspo.rollout import completion_logps, generate  # noqa: E402
-from fedgspo.task import DigitTask  # noqa: E402
+from fedgspo.gspo.loss import group_advantages, gspo_loss  # noqa: E402
+from fedgspo.gspo.model import build_model  # noqa: E402
+from fedgspo.gspo.rewards import WeightedReward  # noqa: E402
+from fedgspo.gspo.rollout import completion_logps, generate  # noqa: E402
+from fedgspo.gspo.task import DigitTask  # noqa: E402
 from fedgspo.train import run  # noqa: E402
 
 VARIANTS = ("bare", "fedgspo-nobook", "fedgspo-plain", "fedgspo")

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from fedgspo.auth import UpdateAuthenticator, generate_keyring, tensor_digest
+from fedgspo.integrity.auth import UpdateAuthenticator, generate_keyring, tensor_digest
 from fedgspo.checkpoint import CheckpointConfig, CheckpointManager, load_checkpoint, verify_checkpoint
 from fedgspo.config import ModelConfig, TaskConfig
-from fedgspo.model import build_model
-from fedgspo.proof import ProofConfig, build_proofs, check_proofs, decode_hidden, prefill, prefill_from_outputs
-from fedgspo.rollout import completion_logps, generate
-from fedgspo.task import DigitTask
+from fedgspo.gspo.model import build_model
+from fedgspo.integrity.proof import ProofConfig, build_proofs, check_proofs, decode_hidden, prefill, prefill_from_outputs
+from fedgspo.gspo.rollout import completion_logps, generate
+from fedgspo.gspo.task import DigitTask
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

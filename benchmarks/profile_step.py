@@ -4,7 +4,7 @@ optimizer, bookkeeping.
 Runs ``fedgspo.train`` on the default configuration (everything on) with the trainer's own
 methods wrapped by timers, so the phases are the real code paths, not a re-implementation:
 
-* ``generate``: KV-cached sampling (``fedgspo.rollout.generate``);
+* ``generate``: KV-cached sampling (``fedgspo.gspo.rollout.generate``);
 * ``rewards``: decoding, reward functions, advantages (the rest of ``Trainer.collect``);
 * ``logps``: the policy forward of the loss (``completion_logps``);
 * ``proofs``: rollout proofs checked across ranks (``Trainer.verify_rollouts``, 2+ ranks);

@@ -53,7 +53,7 @@ ALL_ATTACKS = ("sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "al
 OVERT = ("sign_flip", "scaled", "gaussian", "nan", "bit_flip")
 #: ``plain_mean``: ``mean`` with the defences the trainer lets one switch off switched off:
 #: f = n - 1 (flags never fail consensus) and no quarantine. Nonfinite updates are still left
-#: out (fedgspo.robust always does). ``mean`` itself keeps both defences.
+#: out (fedgspo.robust.all_reduce always does). ``mean`` itself keeps both defences.
 PLAIN_MEAN = "plain_mean"
 DEFAULT_RULES = (PLAIN_MEAN, "median", "trimmed_mean")
 NEVER = 10**9

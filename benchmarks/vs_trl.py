@@ -1,6 +1,6 @@
 """fedgspo against TRL's ``GRPOTrainer`` with ``importance_sampling_level="sequence"`` (GSPO).
 
-Both sides train the same tiny random-init Llama (``fedgspo.model.build_model``, seed 0) on
+Both sides train the same tiny random-init Llama (``fedgspo.gspo.model.build_model``, seed 0) on
 the same task (``DigitTask`` prompts; for TRL an in-memory ``datasets.Dataset`` and the char
 tokenizer wrapped as a ``PreTrainedTokenizerFast`` built in code), the same weighted reward
 functions, group size, completion length, prompts per process and step, learning rate and
@@ -23,7 +23,7 @@ side is its own process group and reports
 
 The loss check feeds both implementations identical data — weights, prompts, completions,
 masks, advantages and old log-probs perturbed so that the sequence ratios straddle the clip
-range — and compares TRL's ``GRPOTrainer._compute_loss`` with :func:`fedgspo.gspo.gspo_loss`
+range — and compares TRL's ``GRPOTrainer._compute_loss`` with :func:`fedgspo.gspo.loss.gspo_loss`
 on fedgspo's log-probs: loss values, log-probs and gradients, on equal-length prompts (no
 padding) and on a left-padded batch.
 
@@ -55,11 +55,11 @@ from common import RESULTS, markdown_table, write_json  # noqa: E402
 from profile_step import PhaseTimer, instrumented  # noqa: E402
 
 from fedgspo.config import Config, load_config  # noqa: E402
-from fedgspo.gspo import group_advantages, gspo_loss  # noqa: E402
-from fedgspo.model import build_model  # noqa: E402
-from fedgspo.rewards import WeightedReward, get_reward  # noqa: E402
-from fedgspo.rollout import completion_logps, generate  # noqa: E402
-from fedgspo.task import DigitTask  # noqa: E402
+from fedgspo.gspo.loss import group_advantages, gspo_loss  # noqa: E402
+from fedgspo.gspo.model import build_model  # noqa: E402
+from fedgspo.gspo.rewards import WeightedReward, get_reward  # noqa: E402
+from fedgspo.gspo.rollout import completion_logps, generate  # noqa: E402
+from fedgspo.gspo.task import DigitTask  # noqa: E402
 
 SIDES = ("fedgspo", "trl")
 TARGET = 1.5  # issue #8: fedgspo >= 1.5 x TRL's tokens/s
@@ -161,7 +161,7 @@ def worker_trl(cfg: Config) -> dict[str, float] | None:
 def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
     """Train with ``fedgspo.train``; rank 0 returns wall seconds and completion tokens."""
     from fedgspo.distributed import broadcast_object, destroy_distributed, init_distributed
-    from fedgspo.metrics import read_metrics
+    from fedgspo.telemetry.metrics import read_metrics
     from fedgspo.train import run
 
     ctx = init_distributed("cpu")

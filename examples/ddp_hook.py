@@ -4,7 +4,7 @@
 all-reduce of every gradient bucket by :func:`fedgspo.robust_all_reduce`; ``state`` collects
 each bucket's report, so after ``backward()`` ``state.flagged`` names the ranks flagged in
 any bucket and ``state.consensus_failed`` says whether to skip the step. Coordinate-wise
-rules (mean, median, trimmed mean) are exact per bucket; see ``fedgspo/ddp_comm_hook.py``.
+rules (mean, median, trimmed mean) are exact per bucket; see ``fedgspo/robust/ddp_hook.py``.
 
     torchrun --standalone --nproc_per_node=2 examples/ddp_hook.py --attack-rank 1
 """

@@ -2,7 +2,7 @@
 
 A reward function has TRL's signature, ``fn(prompts, completions, **kwargs) -> list[float]``;
 the task's columns (here ``answer``) arrive as keyword arguments, as TRL passes dataset
-columns. ``fedgspo.rewards.register_reward(name, fn)`` makes it selectable by name in
+columns. ``fedgspo.gspo.rewards.register_reward(name, fn)`` makes it selectable by name in
 ``task.reward_funcs`` (and hot-swappable in a running job: ``fedgspo hotswap RUN reward=NAME``).
 Every rank runs this file, so every rank registers the function before training starts.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from fedgspo.rewards import WeightedReward, register_reward
+from fedgspo.gspo.rewards import WeightedReward, register_reward
 from fedgspo.train import main
 
 

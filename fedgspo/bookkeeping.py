@@ -2,7 +2,7 @@
 
 The trainer calls :class:`RunBookkeeper` at fixed points (start, every step, every checkpoint,
 finish). On other ranks, or with ``bookkeeping.enabled=false``, the same calls go to a
-:class:`~fedgspo.entities.NullRegistry` and a :class:`~fedgspo.events.NullEventBus` and cost
+:class:`~fedgspo.entities.NullRegistry` and a :class:`~fedgspo.entities.events.NullEventBus` and cost
 next to nothing, so the training loop has no ``if rank == 0`` branches for bookkeeping.
 
 Cost on the hot path: one event emit (queued, dispatched on the bus's worker thread) and a
@@ -23,7 +23,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedgspo.conflicts import OperationPriority
+from fedgspo.entities.conflicts import OperationPriority
 from fedgspo.entities import (
     ByzantineDetectorEntity,
     DatasetEntity,
@@ -34,7 +34,7 @@ from fedgspo.entities import (
     ReputationEntity,
 )
 from fedgspo.entities.registry import EntityRegistry, NullRegistry
-from fedgspo.events import (
+from fedgspo.entities.events import (
     ByzantineRankFlagged,
     CheckpointCreated,
     Event,
@@ -78,7 +78,7 @@ class _EventFile:
 
 
 def _reputation_fields(rep: Any) -> dict[str, Any]:
-    """ReputationEntity fields from a :class:`fedgspo.reputation.RankReputation`."""
+    """ReputationEntity fields from a :class:`fedgspo.robust.reputation.RankReputation`."""
     return {"trust_score": rep.trust, "flag_count": rep.flags, "clean_count": rep.steps - rep.flags,
             "quarantined": rep.quarantined}
 

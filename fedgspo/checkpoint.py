@@ -44,7 +44,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from safetensors.torch import save_file, save_model
 
 from fedgspo.distributed import broadcast_object
-from fedgspo.model import weights_sha256
+from fedgspo.gspo.model import weights_sha256
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -19,17 +19,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedgspo.aggregation_config import AggregationConfig
-from fedgspo.alerts import AlertsConfig
-from fedgspo.model import ModelConfig
-from fedgspo.task import TaskConfig
-from fedgspo.attacks import AttackConfig
-from fedgspo.auth import SecurityConfig
+from fedgspo.robust.config import AggregationConfig
+from fedgspo.telemetry.alerts import AlertsConfig
+from fedgspo.gspo.model import ModelConfig
+from fedgspo.gspo.task import TaskConfig
+from fedgspo.robust.attacks import AttackConfig
+from fedgspo.integrity.auth import SecurityConfig
 from fedgspo.bookkeeping import BookkeepingConfig
 from fedgspo.checkpoint import CheckpointConfig
-from fedgspo.metrics import MetricsConfig
-from fedgspo.proof import ProofConfig
-from fedgspo.tracing import TracingConfig
+from fedgspo.telemetry.metrics import MetricsConfig
+from fedgspo.integrity.proof import ProofConfig
+from fedgspo.telemetry.tracing import TracingConfig
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line naming the field."""

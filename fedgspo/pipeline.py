@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedgspo.config import Config, ConfigError, apply_overrides, format_validation_error, read_yaml, set_dotted
-from fedgspo.conflicts import OperationPriority
+from fedgspo.entities.conflicts import OperationPriority
 from fedgspo.distributed import broadcast_object
 from fedgspo.entities import AIPipelineEntity, TrainingStageEntity
 from fedgspo.entities.registry import EntityRegistry, NullRegistry

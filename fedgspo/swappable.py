@@ -1,11 +1,11 @@
 """What a running job can swap by name: its reward, its aggregation rule, its LR schedule.
 
-Each lives in :class:`~fedgspo.callables.CallableRegistry` under a kind that is also the
-:class:`~fedgspo.callables.HotSwapper` slot:
+Each lives in :class:`~fedgspo.entities.callables.CallableRegistry` under a kind that is also the
+:class:`~fedgspo.entities.callables.HotSwapper` slot:
 
-* ``reward``: TRL-signature reward functions (:mod:`fedgspo.rewards`); the configured weighted
+* ``reward``: TRL-signature reward functions (:mod:`fedgspo.gspo.rewards`); the configured weighted
   sum is registered as ``"config"``; swapping to another name trains on that function alone.
-* ``aggregator``: the rules of :data:`fedgspo.aggregators.RULES`.
+* ``aggregator``: the rules of :data:`fedgspo.robust.aggregators.RULES`.
 * ``lr_schedule``: ``fn(step, total_steps, warmup_steps) -> factor`` on the base learning rate.
 
 A swap is requested by writing ``<run dir>/hotswap.json`` (``{"aggregator": "median"}``) and
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from fedgspo.aggregators import RULES
-from fedgspo.callables import CallableRegistry, HotSwapper
-from fedgspo.events import EventBus, NullEventBus
-from fedgspo.rewards import WeightedReward
+from fedgspo.robust.aggregators import RULES
+from fedgspo.entities.callables import CallableRegistry, HotSwapper
+from fedgspo.entities.events import EventBus, NullEventBus
+from fedgspo.gspo.rewards import WeightedReward
 
 CONFIGURED_REWARD = "config"
 
@@ -62,7 +62,7 @@ def build_swapper(*, reward: WeightedReward, aggregator: str, lr_schedule: str, 
                   bus: EventBus | NullEventBus, device: torch.device) -> HotSwapper:
     """A :class:`HotSwapper` over the three slots; ``run_dir`` (rank 0) enables ``hotswap.json``.
 
-    Unknown names raise :class:`~fedgspo.callables.UnknownCallableError` listing the known ones.
+    Unknown names raise :class:`~fedgspo.entities.callables.UnknownCallableError` listing the known ones.
     """
     CallableRegistry.register(CONFIGURED_REWARD, kind="reward", replace=True)(reward)
     return HotSwapper({"reward": CONFIGURED_REWARD, "aggregator": aggregator, "lr_schedule": lr_schedule},

@@ -40,11 +40,11 @@ import yaml
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from fedgspo.aggregators import build_aggregator
-from fedgspo.alerts import AlertMonitor
-from fedgspo.attacks import apply_attack, poison_rewards
+from fedgspo.robust.aggregators import build_aggregator
+from fedgspo.telemetry.alerts import AlertMonitor
+from fedgspo.robust.attacks import apply_attack, poison_rewards
 from fedgspo.bookkeeping import RunBookkeeper
-from fedgspo.audit import (
+from fedgspo.integrity.audit import (
     CHECKPOINT,
     CHECKPOINT_SKIPPED,
     DETECTION,
@@ -56,7 +56,7 @@ from fedgspo.audit import (
     RUN_START,
     AuditLog,
 )
-from fedgspo.auth import (
+from fedgspo.integrity.auth import (
     AuthError,
     RequestInbox,
     UpdateAuthenticator,
@@ -77,18 +77,18 @@ from fedgspo.distributed import (
     init_distributed,
 )
 from fedgspo.faults import FaultInjector
-from fedgspo.gspo import GSPOStats, group_advantages, gspo_loss_and_stats
-from fedgspo.metrics import MetricsLogger, read_metrics
-from fedgspo.model import build_model, weights_sha256
+from fedgspo.gspo.loss import GSPOStats, group_advantages, gspo_loss_and_stats
+from fedgspo.telemetry.metrics import MetricsLogger, read_metrics
+from fedgspo.gspo.model import build_model, weights_sha256
 from fedgspo.pipeline import load_pipeline, run_pipeline
-from fedgspo.proof import RolloutClaim, build_proofs, cross_verify
-from fedgspo.rewards import WeightedReward
-from fedgspo.reputation import ReputationTracker
-from fedgspo.robust import RobustReport, robust_all_reduce
-from fedgspo.rollout import Rollout, completion_logps, generate
+from fedgspo.integrity.proof import RolloutClaim, build_proofs, cross_verify
+from fedgspo.gspo.rewards import WeightedReward
+from fedgspo.robust.reputation import ReputationTracker
+from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
+from fedgspo.gspo.rollout import Rollout, completion_logps, generate
 from fedgspo.swappable import build_swapper, current_reward
-from fedgspo.task import DigitTask
-from fedgspo.tracing import StepTracer
+from fedgspo.gspo.task import DigitTask
+from fedgspo.telemetry.tracing import StepTracer
 
 
 @dataclass

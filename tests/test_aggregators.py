@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgspo import aggregators as A
-from fedgspo.order_stats import order_statistic_mean, selection_network
+from fedgspo.robust import aggregators as A
+from fedgspo.robust.order_stats import order_statistic_mean, selection_network
 
 # ---------------------------------------------------------------- references (float64, from the papers / ByzFL)
 
@@ -264,7 +264,7 @@ def test_krum_picks_an_honest_row(n, seed, offset):
 def test_aggregation_config_builds_all_reduce_arguments():
     from pydantic import ValidationError
 
-    from fedgspo.aggregation_config import AggregationConfig
+    from fedgspo.robust.config import AggregationConfig
 
     cfg = AggregationConfig(rule="median", f=1, pre=["bucketing"], bucket_size=3, options={"seed": 4})
     kwargs = cfg.all_reduce_kwargs()

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from fedgspo.alerts import AlertMonitor, AlertRule, AlertsConfig, statistic
+from fedgspo.telemetry.alerts import AlertMonitor, AlertRule, AlertsConfig, statistic
 from fedgspo.config import ConfigError, load_config
-from fedgspo.events import AlertRaised, EventBus, NullEventBus
-from fedgspo.metrics import read_metrics
+from fedgspo.entities.events import AlertRaised, EventBus, NullEventBus
+from fedgspo.telemetry.metrics import read_metrics
 from fedgspo.train import main
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgspo.attacks import ATTACKS
+from fedgspo.robust.attacks import ATTACKS
 from fedgspo.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -10,7 +10,7 @@ from dist_helpers import run_ranks, values
 from pydantic import ValidationError
 
 from fedgspo import robust_all_reduce
-from fedgspo.attacks import ATTACKS, AttackConfig, alie_z, apply_attack, poison_rewards
+from fedgspo.robust.attacks import ATTACKS, AttackConfig, alie_z, apply_attack, poison_rewards
 
 
 def attacked(kind: str, g: torch.Tensor, **kw) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgspo.audit import AUDIT_FILE, HEAD_FILE, AuditError, AuditLog, verify_audit_log
+from fedgspo.integrity.audit import AUDIT_FILE, HEAD_FILE, AuditError, AuditLog, verify_audit_log
 
 KEY = b"k" * 32
 

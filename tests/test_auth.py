@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedgspo.audit import AUDIT_FILE, AuditLog
-from fedgspo.auth import (
+from fedgspo.integrity.audit import AUDIT_FILE, AuditLog
+from fedgspo.integrity.auth import (
     AuthError,
     RequestInbox,
     UpdateAuthenticator,
@@ -101,7 +101,7 @@ def test_operator_requests(tmp_path: Path, keyring) -> None:
 def _exchange(rank: int, world_size: int, keyring) -> tuple[list[int], list[int]]:
     import torch.distributed as dist
 
-    from fedgspo.auth import verify_gathered, verify_shards
+    from fedgspo.integrity.auth import verify_gathered, verify_shards
 
     auth = UpdateAuthenticator(keyring, rank, run_id="t")
     update = torch.full((12,), float(rank))

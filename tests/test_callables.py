@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fedgspo.callables import HOTSWAP_FILENAME, CallableRegistry, HotSwapper, UnknownCallableError
+from fedgspo.entities.callables import HOTSWAP_FILENAME, CallableRegistry, HotSwapper, UnknownCallableError
 from fedgspo.entities import ReputationEntity
-from fedgspo.events import AlertRaised, EventBus, HotSwapApplied
+from fedgspo.entities.events import AlertRaised, EventBus, HotSwapApplied
 
 
 def _half(x: float) -> float:

@@ -12,7 +12,7 @@ import torch
 from fedgspo import checkpoint as ckpt
 from fedgspo.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager, list_checkpoints, verify_checkpoint
 from fedgspo.config import ModelConfig
-from fedgspo.model import build_model, weights_sha256
+from fedgspo.gspo.model import build_model, weights_sha256
 from dist_helpers import run_ranks
 
 
@@ -175,8 +175,8 @@ def test_two_ranks_restore_identically(tmp_path: Path) -> None:
 def _wired_loop(rank: int, world_size: int, run_dir: str, admin: bytes) -> tuple[int, int, str]:
     """The training-loop wiring in miniature: audit, periodic checkpoints, a signed stop request
     polled at the step boundary, then a restart that resumes on every rank."""
-    from fedgspo.audit import CHECKPOINT, RESUME, AuditLog
-    from fedgspo.auth import RequestInbox, poll_requests, write_request
+    from fedgspo.integrity.audit import CHECKPOINT, RESUME, AuditLog
+    from fedgspo.integrity.auth import RequestInbox, poll_requests, write_request
 
     run = Path(run_dir)
     audit = AuditLog(run, key=admin) if rank == 0 else None
@@ -204,7 +204,7 @@ def _wired_loop(rank: int, world_size: int, run_dir: str, admin: bytes) -> tuple
 
 @pytest.mark.slow
 def test_wired_loop_stops_together_and_resumes_identically(tmp_path: Path) -> None:
-    from fedgspo.audit import verify_audit_log
+    from fedgspo.integrity.audit import verify_audit_log
 
     admin = b"a" * 32
     results = run_ranks(_wired_loop, 2, str(tmp_path), admin)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedgspo.audit import AUDIT_FILE, AuditLog
-from fedgspo.auth import RequestInbox, load_keyring
+from fedgspo.integrity.audit import AUDIT_FILE, AuditLog
+from fedgspo.integrity.auth import RequestInbox, load_keyring
 from fedgspo.checkpoint import CheckpointConfig, CheckpointManager, list_checkpoints
-from fedgspo.cli import COMMANDS, command, main
+from fedgspo.cli.main import COMMANDS, command, main
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from test_cli import one_line_error
 
-from fedgspo.cli import main
-from fedgspo.lineage_render import render_png
-from fedgspo.rundir import checkpoint_lineage, follow_events, list_runs, run_info
+from fedgspo.cli.main import main
+from fedgspo.cli.lineage import render_png
+from fedgspo.cli.rundir import checkpoint_lineage, follow_events, list_runs, run_info
 from fedgspo.train import main as train
 
 FAST = ["run.progress_bar=false", "run.log_every=100", "task.prompts_per_rank=2", "gspo.num_generations=4",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgspo.conflicts import (
+from fedgspo.entities.conflicts import (
     LowPriorityOperation,
     NormalOperation,
     Operation,
@@ -20,7 +20,7 @@ from fedgspo.conflicts import (
     with_conflict_resolution,
 )
 from fedgspo.entities import EntityRegistry, ReputationEntity, TrainingStageEntity
-from fedgspo.events import EventBus, OperationRejected
+from fedgspo.entities.events import EventBus, OperationRejected
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fedgspo.aggregators import CoordinateMedian
-from fedgspo.detection import (
+from fedgspo.robust.aggregators import CoordinateMedian
+from fedgspo.robust.detection import (
     COSINE_BOUND,
     DEFAULT_THRESHOLD,
     RankStatistics,
@@ -18,8 +18,8 @@ from fedgspo.detection import (
     robust_z,
     statistics_from_sums,
 )
-from fedgspo.reputation import RankReputation, ReputationConfig, ReputationTracker
-from fedgspo.robust import RobustReport
+from fedgspo.robust.reputation import RankReputation, ReputationConfig, ReputationTracker
+from fedgspo.robust.all_reduce import RobustReport
 
 
 def stats_of(x: torch.Tensor) -> RankStatistics:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from fedgspo.events import (
+from fedgspo.entities.events import (
     AlertRaised,
     Event,
     EventBus,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedgspo.gspo import group_advantages, gspo_loss, gspo_loss_and_stats
+from fedgspo.gspo.loss import group_advantages, gspo_loss, gspo_loss_and_stats
 
 
 def reference(logp, old, adv, mask, eps, eps_high, ref=None, beta=0.0):

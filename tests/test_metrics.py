@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from fedgspo.config import ConfigError, load_config
-from fedgspo.metrics import MetricsConfig, MetricsLogger, jsonable, numeric_fields, read_metrics
+from fedgspo.telemetry.metrics import MetricsConfig, MetricsLogger, jsonable, numeric_fields, read_metrics
 from fedgspo.train import main
 
 RECORD = {"step": 3, "reward_mean": 0.5, "consensus_failed": True, "flagged": [1], "rank_trust": [1.0, 0.25],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from fedgspo.auth import generate_keyring, write_keyring, write_request
-from fedgspo.metrics import read_metrics
+from fedgspo.integrity.auth import generate_keyring, write_keyring, write_request
+from fedgspo.telemetry.metrics import read_metrics
 from fedgspo.train import main
 
 FAST = ["run.progress_bar=false", "task.prompts_per_rank=2", "gspo.num_generations=4",

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgspo.detection import PersistentDeviation
-from fedgspo.reputation import PersistenceConfig, ReputationConfig, ReputationTracker
-from fedgspo.robust import RobustReport
+from fedgspo.robust.detection import PersistentDeviation
+from fedgspo.robust.reputation import PersistenceConfig, ReputationConfig, ReputationTracker
+from fedgspo.robust.all_reduce import RobustReport
 
 N = 8
 

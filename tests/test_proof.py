@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedgspo.config import ModelConfig, TaskConfig
-from fedgspo.model import build_model
-from fedgspo.proof import (
+from fedgspo.gspo.model import build_model
+from fedgspo.integrity.proof import (
     ProofConfig,
     ProofError,
     RolloutClaim,
@@ -23,8 +23,8 @@ from fedgspo.proof import (
     prefill_from_outputs,
     select_rows,
 )
-from fedgspo.rollout import Rollout, generate
-from fedgspo.task import DigitTask
+from fedgspo.gspo.rollout import Rollout, generate
+from fedgspo.gspo.task import DigitTask
 from dist_helpers import run_ranks
 
 CFG = ProofConfig()

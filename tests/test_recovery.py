@@ -12,7 +12,7 @@ import pytest
 
 from fedgspo.checkpoint import list_checkpoints, read_manifest
 from fedgspo.faults import FaultInjector, InjectedFault, parse_faults
-from fedgspo.metrics import read_metrics
+from fedgspo.telemetry.metrics import read_metrics
 from fedgspo.train import main
 
 FAST = ["run.progress_bar=false", "task.prompts_per_rank=2", "gspo.num_generations=4"]
@@ -75,7 +75,7 @@ def test_sigkilled_rank_restarts_and_completes(tmp_path):
     steps = [r["step"] for r in read_metrics(run)]
     redone = len(steps) - len(set(steps))
     assert sorted(set(steps)) == list(range(40)) and 0 < redone <= 10
-    assert subprocess.run([sys.executable, "-m", "fedgspo.cli", "verify", str(run)]).returncode == 0
-    assert subprocess.run([sys.executable, "-m", "fedgspo.cli", "audit", "verify", str(run)]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "fedgspo.cli.main", "verify", str(run)]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "fedgspo.cli.main", "audit", "verify", str(run)]).returncode == 0
     chain = {p.name: read_manifest(p)["parent"] for p in list_checkpoints(run)}
     assert chain["step_00000030"]["step"] == 20

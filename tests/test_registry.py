@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedgspo.conflicts import VersionConflict
+from fedgspo.entities.conflicts import VersionConflict
 from fedgspo.entities import (
     REGISTRY_FILENAME,
     ConfigEntity,

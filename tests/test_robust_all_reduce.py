@@ -9,7 +9,7 @@ import torch
 from dist_helpers import run_ranks, values
 
 from fedgspo import robust_all_reduce
-from fedgspo.aggregators import ShardContext, build_aggregator
+from fedgspo.robust.aggregators import ShardContext, build_aggregator
 
 WORLD = 4
 MODES = ("sharded", "replicated", "audited")
@@ -130,7 +130,7 @@ def test_bad_input_raises_on_every_rank_without_hanging(scenarios):
 
 
 def _detection(rank: int, world: int) -> dict:
-    import fedgspo.shard_exchange as exchange
+    import fedgspo.robust.shard_exchange as exchange
 
     x = updates(500, spread=1.0)
     out = {}
@@ -196,7 +196,7 @@ def _ddp(rank: int, world: int) -> tuple:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from fedgspo.ddp_comm_hook import RobustHookState, robust_hook
+    from fedgspo.robust.ddp_hook import RobustHookState, robust_hook
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))

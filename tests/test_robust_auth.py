@@ -10,7 +10,7 @@ import torch
 from dist_helpers import run_ranks, values
 
 from fedgspo import robust_all_reduce
-from fedgspo.auth import Keyring, SecretKey, UpdateAuthenticator, generate_keyring
+from fedgspo.integrity.auth import Keyring, SecretKey, UpdateAuthenticator, generate_keyring
 
 WORLD = 4
 MODES = ("sharded", "replicated", "audited")
@@ -38,7 +38,7 @@ def _tamper_outgoing(mode: str, d: int):
     the buffer as laid out; the wire carries a modified copy)."""
     import torch.distributed as dist
 
-    import fedgspo.shard_exchange as ex
+    import fedgspo.robust.shard_exchange as ex
 
     if mode == "replicated":
         original = ex.all_gather_single

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from fedgspo.config import ModelConfig, TaskConfig
-from fedgspo.model import build_model, weights_sha256
-from fedgspo.rollout import completion_logps, generate, selective_log_softmax
-from fedgspo.task import DigitTask
+from fedgspo.gspo.model import build_model, weights_sha256
+from fedgspo.gspo.rollout import completion_logps, generate, selective_log_softmax
+from fedgspo.gspo.task import DigitTask
 
 
 def _setup(seed: int = 0):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedgspo.config import TaskConfig
-from fedgspo.rewards import WeightedReward, digit_accuracy, exact_match, get_reward, length_match, register_reward
-from fedgspo.task import CharTokenizer, DigitTask, solve
+from fedgspo.gspo.rewards import WeightedReward, digit_accuracy, exact_match, get_reward, length_match, register_reward
+from fedgspo.gspo.task import CharTokenizer, DigitTask, solve
 
 
 def test_solve():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import fedgspo.tracing as tracing
+import fedgspo.telemetry.tracing as tracing
 from fedgspo.config import ConfigError, load_config
-from fedgspo.tracing import StepTracer, TracingConfig
+from fedgspo.telemetry.tracing import StepTracer, TracingConfig
 from fedgspo.train import main
 
 

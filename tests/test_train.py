@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fedgspo.metrics import read_metrics
+from fedgspo.telemetry.metrics import read_metrics
 from fedgspo.train import main, tolerated_f
 
 FAST = ["train.max_steps=6", "run.progress_bar=false", "run.log_every=3", "task.prompts_per_rank=2",

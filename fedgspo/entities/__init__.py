@@ -1,7 +1,7 @@
 """Versioned entities of a run: records, registry, tree and the cross-rank client.
 
 ``Entity`` and the AI entities are imported eagerly; the registry, tree and client are
-loaded on first access (the registry depends on :mod:`fedgspo.conflicts`, which itself needs
+loaded on first access (the registry depends on :mod:`fedgspo.entities.conflicts`, which itself needs
 :class:`Entity`, and the client imports torch).
 """
 

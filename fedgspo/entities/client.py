@@ -25,7 +25,7 @@ from uuid import UUID
 
 import torch.distributed as dist
 
-from fedgspo.conflicts import OperationPriority, OperationRejectedError
+from fedgspo.entities.conflicts import OperationPriority, OperationRejectedError
 from fedgspo.entities.base import Entity
 from fedgspo.entities.registry import EntityRegistry
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
-from fedgspo.conflicts import (
+from fedgspo.entities.conflicts import (
     ConflictResolver,
     Operation,
     OperationPriority,
@@ -51,7 +51,7 @@ from fedgspo.conflicts import (
     VersionConflict,
 )
 from fedgspo.entities.base import Entity
-from fedgspo.events import AnyBus
+from fedgspo.entities.events import AnyBus
 
 E = TypeVar("E", bound=Entity)
 

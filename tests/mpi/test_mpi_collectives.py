@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from fedgspo import robust_all_reduce
-from fedgspo.aggregators import ShardContext, build_aggregator
+from fedgspo.robust.aggregators import ShardContext, build_aggregator
 from fedgspo.config import load_config
 from fedgspo.distributed import gather_objects
 from fedgspo.train import run

@@ -121,7 +121,7 @@ class HotSwapApplied(Event):
 class AlertRaised(Event):
     severity: Literal["info", "warning", "error", "critical"] = "warning"
     message: str
-    rule: str | None = Field(None, description="The alert rule that fired (fedgspo/alerts.py), if any.")
+    rule: str | None = Field(None, description="The alert rule that fired (fedgspo/telemetry/alerts.py), if any.")
     value: float | None = Field(None, description="The rule's statistic when it fired.")
     threshold: float | None = None
     subject_rank: int | None = Field(None, ge=0, description="The rank a per-rank rule fired for.")

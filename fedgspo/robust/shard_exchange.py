@@ -19,7 +19,7 @@ Both take an optional ``verify`` hook, called right after the data exchange and 
 aggregation with what this rank sent and received (sharded: the ``(n, s)`` or ``(n, 2, s)``
 send and receive buffers; replicated: this rank's flat update and the ``(n, d)`` stack). It
 is collective, may narrow ``plan.keep`` (identically on every rank) and returns a verdict to
-stop with (consensus failure, no result) or None to go on. :mod:`fedgspo.robust` uses it
+stop with (consensus failure, no result) or None to go on. :mod:`fedgspo.robust.all_reduce` uses it
 for authenticated updates.
 
 Buffers for the exchanges are cached per shape (a few entries), so a steady training loop
@@ -38,7 +38,7 @@ from typing import Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from fedgspo.aggregators import Aggregator, ShardContext
+from fedgspo.robust.aggregators import Aggregator, ShardContext
 
 #: ``dist.all_gather_into_tensor`` under its torch >= 2.13 name ``all_gather_single`` when present.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

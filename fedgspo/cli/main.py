@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from fedgspo.audit import AUDIT_FILE, AuditError, verify_audit_log
-from fedgspo.auth import AuthError, generate_keyring, load_keyring, write_keyring, write_request
+from fedgspo.integrity.audit import AUDIT_FILE, AuditError, verify_audit_log
+from fedgspo.integrity.auth import AuthError, generate_keyring, load_keyring, write_keyring, write_request
 from fedgspo.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError, verify_checkpoint
-from fedgspo.lineage_render import render_dot, render_png, render_text
-from fedgspo.rundir import (
+from fedgspo.cli.lineage import render_dot, render_png, render_text
+from fedgspo.cli.rundir import (
     STALE_AFTER_S,
     RunDirError,
     RunInfo,
@@ -398,7 +398,7 @@ def _configure_plot(parser: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> int:
         require_run_dir(args.run_dir)
         _need_matplotlib("plot")
-        from fedgspo.run_plot import plot_run
+        from fedgspo.cli.plot import plot_run
 
         print(f"wrote {plot_run(args.run_dir, args.out or args.run_dir / 'plot.png')}")
         return 0

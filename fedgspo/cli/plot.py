@@ -2,12 +2,12 @@
 
 Reward (mean with a ±std band) and loss come from ``metrics.jsonl``; trust per rank from the
 ``rank_trust`` lists of the step records when present, else from
-:func:`fedgspo.rundir.reputation_history` (a step function through each change). Steps on
+:func:`fedgspo.cli.rundir.reputation_history` (a step function through each change). Steps on
 which a rank was flagged are marked with an ``x`` on its trust line; quarantined stretches
 are shaded.
 
 Failure behaviour: ``ImportError`` without matplotlib (``pip install 'fedgspo[plot]'``);
-:class:`~fedgspo.rundir.RunDirError` for a run without step records.
+:class:`~fedgspo.cli.rundir.RunDirError` for a run without step records.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedgspo.rundir import RunDirError, metrics, reputation_history
+from fedgspo.cli.rundir import RunDirError, metrics, reputation_history
 
 
 def _trust_series(run_dir: Path, records: list[dict[str, Any]]) -> dict[int, tuple[list[int], list[float]]]:

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedgspo.aggregators import build_aggregator
-from fedgspo.detection import DEFAULT_THRESHOLD
-from fedgspo.reputation import ReputationConfig
+from fedgspo.robust.aggregators import build_aggregator
+from fedgspo.robust.detection import DEFAULT_THRESHOLD
+from fedgspo.robust.reputation import ReputationConfig
 
 RuleName = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping"]
 
@@ -22,7 +22,7 @@ class AggregationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    rule: RuleName = Field("trimmed_mean", description="Aggregation rule (fedgspo.aggregators.RULES).")
+    rule: RuleName = Field("trimmed_mean", description="Aggregation rule (fedgspo.robust.aggregators.RULES).")
     f: int | Literal["auto"] = Field(
         "auto", description="Byzantine ranks to tolerate; 'auto': the most the rule allows for the world size."
     )

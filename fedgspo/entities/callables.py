@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from fedgspo.entities.base import Entity
-from fedgspo.events import AlertRaised, AnyBus, HotSwapApplied, get_event_bus
+from fedgspo.entities.events import AlertRaised, AnyBus, HotSwapApplied, get_event_bus
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedgspo.entities.base import Entity
-from fedgspo.events import AnyBus, OperationRejected
+from fedgspo.entities.events import AnyBus, OperationRejected
 
 E = TypeVar("E", bound=Entity)
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fedgspo.detection import DEFAULT_THRESHOLD
-from fedgspo.robust import RobustReport, robust_all_reduce
+from fedgspo.robust.detection import DEFAULT_THRESHOLD
+from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
 
 
 @dataclass

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedgspo.audit import AUTH_FAILURE, OPERATOR_REQUEST, REQUEST_REJECTED, AuditLog, canonical_json
+from fedgspo.integrity.audit import AUTH_FAILURE, OPERATOR_REQUEST, REQUEST_REJECTED, AuditLog, canonical_json
 from fedgspo.checkpoint import write_json_atomic
 from fedgspo.distributed import broadcast_object
 

@@ -1,4 +1,4 @@
-"""A :class:`~fedgspo.rundir.Lineage` as indented text, Graphviz DOT or a PNG picture.
+"""A :class:`~fedgspo.cli.rundir.Lineage` as indented text, Graphviz DOT or a PNG picture.
 
 The PNG comes from the ``dot`` binary when it is on ``PATH``, else from matplotlib (a layered
 drawing: each node one row below its deepest parent), so a picture can always be made where
@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from fedgspo.entities.tree import topological_order
-from fedgspo.rundir import Lineage, LineageNode
+from fedgspo.cli.rundir import Lineage, LineageNode
 
 _SHAPES = {"stage": "folder", "origin": "ellipse", "checkpoint": "box"}
 _COLORS = {"stage": "#dbe8f6", "origin": "#f6efd2", "checkpoint": "#e3f2e1"}

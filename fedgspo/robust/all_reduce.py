@@ -1,9 +1,9 @@
 """Robust all-reduce: a drop-in for ``dist.all_reduce`` that tolerates Byzantine ranks.
 
 Every rank contributes a flat update; the updates are combined by a robust rule
-(:mod:`fedgspo.aggregators`) instead of a sum, the result is written back into the tensor
+(:mod:`fedgspo.robust.aggregators`) instead of a sum, the result is written back into the tensor
 on every rank, and a :class:`RobustReport` says what each rank looked like
-(:mod:`fedgspo.detection`).
+(:mod:`fedgspo.robust.detection`).
 
 Modes (all give the single-process rule's result on the stacked updates, up to
 floating-point summation order):
@@ -13,7 +13,7 @@ floating-point summation order):
   ``all_gather_single`` assembles the result, carrying each rank's partial detection
   statistics along. The bytes of a ring all-reduce. Rules needing whole-vector quantities
   (Krum, geometric median, centered clipping, NNM) all-reduce ``n`` (or ``n x n``) partial
-  sums (:mod:`fedgspo.shard_exchange`).
+  sums (:mod:`fedgspo.robust.shard_exchange`).
   Trust model: it filters Byzantine *updates* but trusts every rank to compute its shard.
 * ``replicated``: ``all_gather`` of everything; every rank aggregates the full stack.
   ``n`` times the bytes; trusts no rank's computation.
@@ -39,7 +39,7 @@ Call protocol and failure behaviour:
 * Single process (``torch.distributed`` not initialised, or a group of one): the tensor is
   left as is and a trivial report returned.
 
-Authenticated updates: with ``authenticator=`` (a :class:`fedgspo.auth.UpdateAuthenticator`
+Authenticated updates: with ``authenticator=`` (a :class:`fedgspo.integrity.auth.UpdateAuthenticator`
 for this rank's group rank) and ``step=``, every message of the data exchange is checked
 against an HMAC tag bound to (run, step, sender, receiver, shard). Right after the
 ``all_to_all`` (sharded, audited) each rank signs the ``n`` shards it sent and verifies the
@@ -49,7 +49,7 @@ senders rejected by *any* rank are agreed on by one ``all_reduce(MAX)`` of an ``
 mask, before anything is aggregated. Those senders (tampered, forged, replayed from another
 step, or carrying another rank's tag) are left out exactly like ``exclude`` ranks, always
 flagged, and listed in ``report.auth_failed``; too few remaining ranks is a consensus
-failure. The caller should audit them (:func:`fedgspo.auth.audit_auth_failures`). The cost
+failure. The caller should audit them (:func:`fedgspo.integrity.auth.audit_auth_failures`). The cost
 is sha256 over the bytes each rank sends and receives (hashed in place) plus those two tiny
 collectives; without an authenticator nothing changes. Every rank passes an authenticator
 with the same ``step``, or none does (checked up front: ``ValueError`` on every rank). A
@@ -70,10 +70,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from fedgspo.aggregators import Aggregator, build_aggregator
-from fedgspo.auth import AuthError, UpdateAuthenticator, exchange_tags, verify_shards
-from fedgspo.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
-from fedgspo.shard_exchange import AggregationPlan, all_gather_single, replicated, sharded
+from fedgspo.robust.aggregators import Aggregator, build_aggregator
+from fedgspo.integrity.auth import AuthError, UpdateAuthenticator, exchange_tags, verify_shards
+from fedgspo.robust.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
+from fedgspo.robust.shard_exchange import AggregationPlan, all_gather_single, replicated, sharded
 
 MODES = ("sharded", "replicated", "audited")
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
@@ -87,7 +87,7 @@ class RobustReport:
 
     Attributes:
         distances: ``||x_i - a||`` to the (first) robust aggregate ``a``.
-        z_scores: robust z-scores of the log distances (see :mod:`fedgspo.detection`).
+        z_scores: robust z-scores of the log distances (see :mod:`fedgspo.robust.detection`).
         flagged: ranks flagged as outliers or nonfinite (sorted).
         cosines: cosine of ``x_i`` to ``a``; ``z_cosine`` their robust z-scores.
         norms: ``||x_i||``; ``z_norm`` robust z-scores of the log norms.
@@ -304,7 +304,7 @@ def _failed_report(plan: AggregationPlan, mode: str, reason: str) -> RobustRepor
 def _authenticate(
     plan: AggregationPlan, auth: UpdateAuthenticator, step: int, group: dist.ProcessGroup | None, mode: str
 ):
-    """The ``verify`` hook of :mod:`fedgspo.shard_exchange`: check the tags of what this rank
+    """The ``verify`` hook of :mod:`fedgspo.robust.shard_exchange`: check the tags of what this rank
     received, agree on the failed senders (``all_reduce(MAX)`` of an ``n`` mask) and drop them
     from ``plan.keep``; a failed report if too few ranks remain."""
 
@@ -365,17 +365,17 @@ def robust_all_reduce(
 
     Args:
         tensor: this rank's update (any shape, floating dtype); overwritten with the result.
-        rule: a name from :data:`fedgspo.aggregators.RULES`.
+        rule: a name from :data:`fedgspo.robust.aggregators.RULES`.
         f: Byzantine ranks to tolerate; the rule's bound is checked against the world size.
         group: process group (default: the world).
         mode: ``"sharded"``, ``"replicated"`` or ``"audited"`` (module docstring).
-        z_threshold: robust z-score threshold for flagging (:mod:`fedgspo.detection`).
+        z_threshold: robust z-score threshold for flagging (:mod:`fedgspo.robust.detection`).
         exclude: ranks left out of the aggregate (e.g. quarantined); still measured.
         weights: per-rank non-negative weights; 0 excludes a rank; rules with a weighted
             form (mean, geometric median, centered clipping) use the values.
         exclude_flagged: re-aggregate without the ranks flagged in this call.
         pre: pre-aggregation steps (``"nnm"``, ``"bucketing"``).
-        authenticator: this rank's :class:`fedgspo.auth.UpdateAuthenticator` (its ``rank``
+        authenticator: this rank's :class:`fedgspo.integrity.auth.UpdateAuthenticator` (its ``rank``
             is the rank in ``group``); authenticates every exchanged update (module
             docstring). None (default): no authentication, no extra cost.
         step: the training step the tags are bound to (required with ``authenticator``;

@@ -2,14 +2,14 @@
 
 Each rank has a :class:`RankReputation` (a plain pydantic model, one per rank, meant to be
 persisted as an entity). :meth:`ReputationTracker.update` folds one
-:class:`~fedgspo.robust.RobustReport` into all of them:
+:class:`~fedgspo.robust.all_reduce.RobustReport` into all of them:
 
 * ``trust <- decay * trust + (1 - decay) * (0 if flagged else 1)`` (an EMA of clean steps);
 * a rank flagged in at least ``quarantine_after`` of its last ``window`` steps is
   quarantined: weight 0 (left out of the aggregate) but still measured every step;
 * a quarantined rank with ``rehabilitate_after`` consecutive clean steps is released and
   its recent-flag window cleared;
-* a rank whose averages deviate across steps (:class:`~fedgspo.detection.PersistentDeviation`,
+* a rank whose averages deviate across steps (:class:`~fedgspo.robust.detection.PersistentDeviation`,
   ``persistence``) counts as flagged too, even when no single step flagged it.
 
 The update is pure arithmetic on the report, so trackers on different ranks that see the
@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedgspo.detection import DEFAULT_THRESHOLD, PersistentDeviation
-from fedgspo.robust import RobustReport
+from fedgspo.robust.detection import DEFAULT_THRESHOLD, PersistentDeviation
+from fedgspo.robust.all_reduce import RobustReport
 
 
 #: Key of the across-step test that sees every step, whatever its phase.
@@ -32,7 +32,7 @@ ALL_PHASES = -1
 
 
 class PersistenceConfig(BaseModel):
-    """Detection across steps (:class:`fedgspo.detection.PersistentDeviation`)."""
+    """Detection across steps (:class:`fedgspo.robust.detection.PersistentDeviation`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -16,7 +16,7 @@ fires once when its condition becomes true, and re-arms when the condition is ev
 again, so a condition that holds for 100 steps is one alert, not 100. A fired alert is one
 line in ``<run_dir>/alerts.jsonl`` (``step``, ``rule``, ``message``, ``value``,
 ``threshold``, and ``rank`` for per-rank rules), one console line ``alert: <rule>:
-<message>`` on stderr, and an :class:`~fedgspo.events.AlertRaised` event on the run's bus
+<message>`` on stderr, and an :class:`~fedgspo.entities.events.AlertRaised` event on the run's bus
 (so it lands in ``events.jsonl``).
 
 Failure behaviour: a rule is not evaluated until its metric has enough history; a record
@@ -37,8 +37,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from fedgspo.events import AlertRaised, AnyBus
-from fedgspo.metrics import PER_RANK_PREFIX
+from fedgspo.entities.events import AlertRaised, AnyBus
+from fedgspo.telemetry.metrics import PER_RANK_PREFIX
 
 Condition = Literal["above", "below", "drop", "ratio", "increase"]
 Severity = Literal["info", "warning", "error", "critical"]
@@ -52,7 +52,7 @@ class AlertRule(BaseModel):
 
     name: str = Field(min_length=1, description="Names the alert in alerts.jsonl and on the console.")
     metric: str = Field(min_length=1, description="A step-record field, e.g. reward_mean or rank_trust.")
-    condition: Condition = Field(description="above | below | drop | ratio | increase (see fedgspo/alerts.py).")
+    condition: Condition = Field(description="above | below | drop | ratio | increase (see fedgspo/telemetry/alerts.py).")
     threshold: float
     window: int = Field(1, gt=0, description="Steps the statistic is taken over.")
     severity: Severity = "warning"

@@ -92,7 +92,7 @@ class Prefill:
 
 def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
             temperature: float) -> Prefill:
-    """One no-grad forward over left-padded prompt + completion (as in :mod:`fedgspo.rollout`).
+    """One no-grad forward over left-padded prompt + completion (as in :mod:`fedgspo.gspo.rollout`).
 
     The model is put in eval mode for the call and restored afterwards.
     """
@@ -248,7 +248,7 @@ def decode_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     """``(B, T, H)`` last-layer states at the completion tokens along the KV-cached decoding
     path (prompt prefill, then one token at a time), as a prover that records during
     generation would see them. Used to measure the honest noise the tolerances must absorb."""
-    from fedgspo.rollout import _cache_keyword
+    from fedgspo.gspo.rollout import _cache_keyword
 
     was_training = model.training
     model.eval()

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from fedgspo.audit import AUDIT_FILE
+from fedgspo.integrity.audit import AUDIT_FILE
 from fedgspo.bookkeeping import EVENTS_FILENAME
 from fedgspo.checkpoint import CHECKPOINTS, MANIFEST, sha256_file
 from fedgspo.entities import (
@@ -38,7 +38,7 @@ from fedgspo.entities import (
     TrainingStageEntity,
 )
 from fedgspo.entities.registry import REGISTRY_FILENAME, EntityRegistry
-from fedgspo.metrics import read_metrics
+from fedgspo.telemetry.metrics import read_metrics
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json")
 STALE_AFTER_S = 300.0

@@ -1,7 +1,7 @@
 """Reward functions with TRL's signature ``fn(prompts, completions, **kwargs) -> list[float]``.
 
 Extra columns of the task (here ``answer``) arrive as keyword arguments, as TRL passes dataset
-columns. Reward functions live in :class:`~fedgspo.callables.CallableRegistry` under kind
+columns. Reward functions live in :class:`~fedgspo.entities.callables.CallableRegistry` under kind
 ``"reward"`` (so a running job can hot-swap them by name); :class:`WeightedReward` combines
 several into the weighted sum that drives training. A user's own function with the same
 signature is added with :func:`register_reward` or ``@CallableRegistry.register(name,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from fedgspo.callables import CallableRegistry
+from fedgspo.entities.callables import CallableRegistry
 
 RewardFunc = Callable[..., list[float]]
 KIND = "reward"

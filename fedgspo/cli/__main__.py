@@ -1,0 +1,5 @@
+import sys
+
+from fedgspo.cli.main import main
+
+sys.exit(main())

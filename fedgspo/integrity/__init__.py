@@ -1,0 +1,1 @@
+"""Integrity: keys and authenticated updates, rollout proofs, the audit log, signed operator requests."""

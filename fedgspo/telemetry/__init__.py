@@ -1,0 +1,1 @@
+"""Telemetry: step records (JSONL, TensorBoard, Prometheus), alert rules, OpenTelemetry spans."""
