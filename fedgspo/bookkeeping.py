@@ -45,8 +45,9 @@ from fedgspo.entities.events import (
     TrainingCompleted,
     TrainingStarted,
 )
+from fedgspo import runfiles
 
-EVENTS_FILENAME = "events.jsonl"
+EVENTS_FILENAME = runfiles.EVENTS
 
 
 class BookkeepingConfig(BaseModel):
@@ -96,7 +97,7 @@ class RunBookkeeper:
             self.bus.subscribe(Event, self._events_file)
         if active:
             shared = cfg.registry_path is not None
-            path = cfg.registry_path or Path(run_dir) / "registry.sqlite"
+            path = cfg.registry_path or runfiles.RunFiles(run_dir).registry
             self.registry: EntityRegistry | NullRegistry = EntityRegistry(
                 path, bus=self.bus, write_behind=not shared)
         else:
@@ -107,11 +108,12 @@ class RunBookkeeper:
         self._reputation_ids: dict[int, UUID] = {}
         self._last_reputation: dict[int, tuple] = {}
         self._last_checkpoint: UUID | None = None
+        self._detector_id: UUID | None = None
 
     # -- the calls the trainer makes -----------------------------------------------------------
 
-    def start(self, *, name: str, cfg: Any, model_cfg: Any, vocab_size: int, weights_hash: str,
-              world_size: int, f: int, resumed_from: str | None = None) -> None:
+    def start(self, *, name: str, cfg: Any, model_info: dict[str, Any], dataset_info: dict[str, Any],
+              weights_hash: str, world_size: int, rule: str, f: int, resumed_from: str | None = None) -> None:
         """Register config, dataset, model, run, detector and one reputation per rank; or, when
         the run resumes (``resumed_from``: the checkpoint's sha256) and the registry already
         holds it, continue those entities, the next checkpoint descending from that one."""
@@ -127,18 +129,17 @@ class RunBookkeeper:
                 epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, beta=gspo.beta,
                 learning_rate=gspo.learning_rate, max_completion_length=gspo.max_completion_length,
                 temperature=gspo.temperature, importance_sampling_level=gspo.importance_sampling_level),
-            DatasetEntity(name=f"digits/{cfg.task.name}", source="synthetic"),
-            ModelEntity(name=name, model_type=model_cfg.arch, vocab_size=vocab_size,
-                        hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
-                        weights_hash=weights_hash, precision=model_cfg.dtype),
+            DatasetEntity(**dataset_info),
+            ModelEntity(name=name, weights_hash=weights_hash, precision=cfg.model.dtype, **model_info),
         ])
         run = self.registry.register(GSPOTrainingRunEntity(
             name=name, config_id=config.lineage_id, policy_model_id=model.lineage_id,
             total_steps=cfg.train.max_steps, world_size=world_size, num_byzantine=f,
-            aggregation_rule=cfg.aggregation.rule, status="running"))
-        self.registry.register(ByzantineDetectorEntity(
-            rule=cfg.aggregation.rule, world_size=world_size, num_byzantine=f,
-            z_threshold=cfg.aggregation.z_threshold))
+            aggregation_rule=rule, status="running"))
+        detector = self.registry.register(ByzantineDetectorEntity(
+            rule=rule, world_size=world_size, num_byzantine=f, z_threshold=cfg.aggregation.z_threshold,
+            quarantine_after=cfg.aggregation.reputation.quarantine_after, run_id=run.lineage_id))
+        self._detector_id = detector.lineage_id
         reps = self.registry.register_many(ReputationEntity(rank=r, run_id=run.lineage_id)
                                            for r in range(world_size))
         self.run_id, self.model_id = run.lineage_id, model.lineage_id
@@ -153,6 +154,8 @@ class RunBookkeeper:
         self.run_id, self.model_id = run.lineage_id, run.policy_model_id
         self._reputation_ids = {e.rank: e.lineage_id
                                 for e in self.registry.query(ReputationEntity, run_id=run.lineage_id)}
+        detectors = self.registry.query(ByzantineDetectorEntity, run_id=run.lineage_id)
+        self._detector_id = detectors[-1].lineage_id if detectors else None
         parents = self.registry.query(ModelCheckpointEntity, checkpoint_hash=checkpoint_sha256)
         self._last_checkpoint = parents[-1].lineage_id if parents else None
         self.registry.update(self.run_id, lambda e: e.evolve(status="running", total_steps=total_steps),
@@ -192,6 +195,16 @@ class RunBookkeeper:
         old_trust = previous[0]
         self.bus.emit(ReputationChanged(subject_rank=rep.rank, old_trust=old_trust, new_trust=rep.trust,
                                         quarantined=rep.quarantined, step=step, rank=0))
+
+    def rule_changed(self, rule: str, f: int) -> None:
+        """A hot swap replaced the aggregation rule: version the run and its detector."""
+        if not self.active or self.run_id is None:
+            return
+        self.registry.update(self.run_id, lambda e: e.evolve(aggregation_rule=rule, num_byzantine=f),
+                             priority=OperationPriority.HIGH)
+        if self._detector_id is not None:
+            self.registry.update(self._detector_id, lambda e: e.evolve(rule=rule, num_byzantine=f),
+                                 priority=OperationPriority.HIGH)
 
     def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float]) -> UUID | None:
         """Register a checkpoint as the child of the previous one; returns its lineage id."""

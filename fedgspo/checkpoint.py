@@ -22,6 +22,8 @@ rank loads the same files, re-hashing each file it reads against the manifest.
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 import logging
@@ -43,15 +45,15 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from safetensors.torch import save_file, save_model
 
-from fedgspo.distributed import broadcast_object
+from fedgspo.distributed import all_gather_bytes, broadcast_object
 from fedgspo.gspo.model import weights_sha256
+from fedgspo import runfiles
+from fedgspo.runfiles import sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = runfiles.CHECKPOINTS
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-# ``all_gather_into_tensor`` was renamed ``all_gather_single`` (same semantics) in torch 2.13.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +71,9 @@ class CheckpointConfig(BaseModel):
     resume: Literal["never", "auto"] | Path = Field(
         "never", description="'auto': newest verified checkpoint of the run dir (fresh start if none); "
                              "a path: that checkpoint (possibly of another run), which must verify.")
+    final_lora: Literal["adapter", "merged"] = Field(
+        "adapter", description="With LoRA, the final checkpoint holds the peft adapter, or the base with the "
+                               "adapter merged in (a plain transformers model directory).")
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,6 @@ class Resumed:
 
 # -- files and hashes ----------------------------------------------------------------------------
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -113,21 +110,6 @@ def _fsync_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_model_files(model: torch.nn.Module, directory: Path) -> None:
@@ -171,15 +153,33 @@ def _atomic_checkpoint(directory: Path, write: Any, manifest: dict[str, Any]) ->
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, *, step: int,
-                    metadata: dict[str, Any] | None = None) -> Path:
+                    metadata: dict[str, Any] | None = None, tokenizer: Any = None, merge_lora: bool = False) -> Path:
     """Write ``model`` (and ``metadata`` into the manifest) as a checkpoint at ``directory``.
 
-    An existing checkpoint at ``directory`` is replaced only after the new one is complete.
+    With ``tokenizer`` (a transformers tokenizer) its files and chat template are saved beside
+    the weights, so ``AutoModelForCausalLM`` and ``AutoTokenizer.from_pretrained`` both load the
+    directory. A LoRA (peft) model is saved as its adapter, or with ``merge_lora`` merged into a
+    copy of the base (the training model is unchanged). An existing checkpoint at ``directory``
+    is replaced only after the new one is complete.
     Failure: any exception leaves the previous state untouched (the temporary directory is
     removed) and propagates to the caller.
     """
-    return _atomic_checkpoint(directory, lambda tmp: _save_model_files(model, tmp),
-                              {"step": step, **(metadata or {})})
+    def write(tmp: Path) -> None:
+        weights = copy.deepcopy(model).merge_and_unload() if merge_lora and _is_peft(model) else model
+        _save_model_files(weights, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return _atomic_checkpoint(directory, write, {"step": step, **(metadata or {})})
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _model_file(model: torch.nn.Module) -> str:
+    """The weights file a checkpoint of ``model`` holds: a LoRA model's adapter, else the model."""
+    return "adapter_model.safetensors" if _is_peft(model) else "model.safetensors"
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -328,24 +328,6 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
         torch.cuda.set_rng_state_all(list(state["cuda"]))
     for name, gen in (generators or {}).items():
         gen.set_state(state["generators"][name])
-
-
-def all_gather_bytes(blob: bytes, group: dist.ProcessGroup | None = None) -> list[bytes]:
-    """Every rank's ``blob``, by rank, on every rank: two tensor all-gathers (sizes, then the
-    padded bytes); no pickle, so a Byzantine rank can send only bytes. Collective; single
-    process: ``[blob]``. Failure: collective errors propagate."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return [blob]
-    world = dist.get_world_size(group)
-    sizes = torch.zeros(world, dtype=torch.int64)
-    _all_gather(sizes, torch.tensor([len(blob)], dtype=torch.int64), group=group)
-    padded = torch.zeros(max(1, int(sizes.max())), dtype=torch.uint8)
-    if blob:
-        padded[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    out = torch.zeros(world * padded.numel(), dtype=torch.uint8)
-    _all_gather(out, padded, group=group)
-    rows = out.view(world, -1)
-    return [bytes(rows[r, :int(sizes[r])].numpy()) for r in range(world)]
 
 
 def _gather_rng_states(local: dict[str, Any]) -> list[bytes] | None:
@@ -533,13 +515,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """
     path = Path(path)
     manifest = read_manifest(path)
-    model_bytes = _read_verified(path, "model.safetensors", manifest)
-    missing, unexpected = _load_model_bytes(model, model_bytes)
+    weights_file = _model_file(model)
+    missing, unexpected = _load_model_bytes(model, _read_verified(path, weights_file, manifest))
     if missing or unexpected:
-        raise CheckpointError(f"{path / 'model.safetensors'}: does not fit the model "
+        raise CheckpointError(f"{path / weights_file}: does not fit the model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if manifest.get("weights_sha256") and weights_sha256(model) != manifest["weights_sha256"]:
-        raise CheckpointError(f"{path / 'model.safetensors'}: loaded weights do not hash to weights_sha256")
+        raise CheckpointError(f"{path / weights_file}: loaded weights do not hash to weights_sha256")
     if optimizer is not None:
         optimizer.load_state_dict(load_state(path, "optimizer", manifest))
     if scheduler is not None:
@@ -555,6 +537,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def _load_model_bytes(model: torch.nn.Module, data: bytes) -> tuple[list[str], list[str]]:
     """Load verified safetensors bytes into ``model``; returns (missing, unexpected) keys, where
     a key missing only because it is tied to a loaded one (``lm_head`` ↔ embeddings) is fine."""
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_safetensors_bytes(data))
+        return [], list(result.unexpected_keys)
     result = model.load_state_dict(load_safetensors_bytes(data), strict=False)
     state = model.state_dict()
     loaded = {state[k].data_ptr() for k in state if k not in result.missing_keys}

@@ -62,6 +62,12 @@ class GSPOConfig(_Section):
     )
     max_completion_length: int = Field(6, gt=0)
     temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1.0 keeps every token.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 keeps every token.")
+    repetition_penalty: float = Field(1.0, gt=0, description="As transformers defines it; 1.0 is off.")
+    stop_strings: list[str] = Field(default_factory=list, description="A completion ends at the first of these.")
+    generation_batch_size: int | None = Field(
+        None, gt=0, description="Sequences generated at once (chunks of the group); default: all of them.")
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -83,6 +89,16 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads per rank; default: cores / local ranks."
     )
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Sequences per forward/backward (gradient accumulation); default: the whole rollout.")
+
+
+class EvalConfig(_Section):
+    """Evaluation on the eval split (``task.eval_dataset``; the digit task has its own stream)."""
+
+    every: int = Field(0, ge=0, description="Steps between evaluations; 0: never.")
+    num_prompts: int = Field(32, gt=0, description="Prompts per evaluation (on each rank).")
+    greedy: bool = Field(True, description="Greedy decoding; else sampled like training (num_generations=1).")
 
 
 class Config(_Section):
@@ -94,6 +110,7 @@ class Config(_Section):
     gspo: GSPOConfig = GSPOConfig()
     aggregation: AggregationConfig = AggregationConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     bookkeeping: BookkeepingConfig = BookkeepingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     security: SecurityConfig = SecurityConfig()
@@ -107,11 +124,18 @@ class Config(_Section):
     def _fits_context(self) -> "Config":
         # prompt = BOS + task token + digits + '='; completion = digits + EOS.
         needed = self.task.max_digits + 3 + self.gspo.max_completion_length
-        if self.model.path is None and needed > self.model.max_position_embeddings:
+        if self.model.path is None and self.task.dataset is None and needed > self.model.max_position_embeddings:
             raise ValueError(
                 f"model.max_position_embeddings ({self.model.max_position_embeddings}) < "
                 f"longest prompt + completion ({needed})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _data_needs_a_tokenizer(self) -> "Config":
+        if self.task.dataset is not None and self.model.path is None:
+            raise ValueError("task.dataset needs model.path: a local model directory with its tokenizer "
+                             "(the tiny model built from config only knows the digit task's characters)")
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""Process-group set-up from torchrun's or mpirun's environment, and flat-gradient plumbing.
+"""Process-group set-up from torchrun's or mpirun's environment, every small collective, and
+flat-gradient plumbing. The one module of fedgspo that the robust library imports.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables. Under
 ``mpirun`` (Open MPI, MPICH/PMI or SLURM's PMIx) the same variables are derived from the MPI
@@ -138,6 +139,37 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+#: ``dist.all_gather_into_tensor`` under its torch >= 2.13 name ``all_gather_single`` when present.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors of a collective on ``group`` must live: the current CUDA device under
+    nccl, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_bytes(blob: bytes, group: dist.ProcessGroup | None = None) -> list[bytes]:
+    """Every rank's ``blob``, by rank, on every rank: two tensor all-gathers (sizes, then the
+    padded bytes); no pickle, so a Byzantine rank can send only bytes. Collective; single
+    process: ``[blob]``. Failure: collective errors propagate."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [blob]
+    world, device = dist.get_world_size(group), collective_device(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    all_gather_single(sizes, torch.tensor([len(blob)], dtype=torch.int64, device=device), group=group)
+    sizes = sizes.cpu()
+    padded = torch.zeros(max(1, int(sizes.max())), dtype=torch.uint8)
+    if blob:
+        padded[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    out = torch.zeros(world * padded.numel(), dtype=torch.uint8, device=device)
+    all_gather_single(out, padded.to(device), group=group)
+    rows = out.view(world, -1).cpu()
+    return [bytes(rows[r, :int(sizes[r])].numpy()) for r in range(world)]
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """``obj`` from rank ``src`` on every rank (identity in a single process)."""
     if not dist.is_initialized():
@@ -145,15 +177,6 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def gather_objects(obj: object) -> list[object]:
-    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
-    if not dist.is_initialized():
-        return [obj]
-    out: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:

@@ -37,8 +37,9 @@ from fedgspo.distributed import broadcast_object
 from fedgspo.entities import AIPipelineEntity, TrainingStageEntity
 from fedgspo.entities.registry import EntityRegistry, NullRegistry
 from fedgspo.entities.tree import DependencyCycleError, MissingDependencyError, topological_order
+from fedgspo import runfiles
 
-PIPELINE_REGISTRY = "registry.sqlite"
+PIPELINE_REGISTRY = runfiles.REGISTRY
 
 
 class StageSpec(BaseModel):
@@ -109,7 +110,7 @@ def stage_config(cfg: Config, spec: PipelineSpec, stage: StageSpec) -> Config:
     directory = spec.directory
     model = cfg.model
     if stage.depends_on and model.path is None:
-        model = model.model_copy(update={"path": directory / stage.depends_on[-1] / "checkpoints" / "final"})
+        model = model.model_copy(update={"path": runfiles.RunFiles(directory / stage.depends_on[-1]).final_checkpoint})
     return cfg.model_copy(update={
         "model": model,
         "run": cfg.run.model_copy(update={"dir": directory / stage.name, "name": stage.name}),

@@ -3,8 +3,10 @@
 Each lives in :class:`~fedgspo.entities.callables.CallableRegistry` under a kind that is also the
 :class:`~fedgspo.entities.callables.HotSwapper` slot:
 
-* ``reward``: TRL-signature reward functions (:mod:`fedgspo.gspo.rewards`); the configured weighted
-  sum is registered as ``"config"``; swapping to another name trains on that function alone.
+* ``reward``: TRL-signature reward functions. Every function of the :mod:`fedgspo.gspo.rewards`
+  registry, and every function of the configured weighted sum under its configured name (an
+  import path included), is registered when the swapper is built; the weighted sum itself is
+  ``"config"``. Swapping to another name trains on that function alone.
 * ``aggregator``: the rules of :data:`fedgspo.robust.aggregators.RULES`.
 * ``lr_schedule``: ``fn(step, total_steps, warmup_steps) -> factor`` on the base learning rate.
 
@@ -22,7 +24,7 @@ import torch
 from fedgspo.robust.aggregators import RULES
 from fedgspo.entities.callables import CallableRegistry, HotSwapper
 from fedgspo.entities.events import EventBus, NullEventBus
-from fedgspo.gspo.rewards import WeightedReward
+from fedgspo.gspo.rewards import WeightedReward, get_reward, reward_names
 
 CONFIGURED_REWARD = "config"
 
@@ -62,9 +64,20 @@ def build_swapper(*, reward: WeightedReward, aggregator: str, lr_schedule: str, 
                   bus: EventBus | NullEventBus, device: torch.device) -> HotSwapper:
     """A :class:`HotSwapper` over the three slots; ``run_dir`` (rank 0) enables ``hotswap.json``.
 
-    Unknown names raise :class:`~fedgspo.entities.callables.UnknownCallableError` listing the known ones.
+    Registers the reward functions (see the module docstring) at every call, so functions
+    registered with :func:`~fedgspo.gspo.rewards.register_reward` before it are swappable.
+    Unknown names raise :class:`~fedgspo.entities.callables.UnknownCallableError` listing the
+    known ones; a reward name taken by a callable of another kind is a ``ValueError``.
     """
-    CallableRegistry.register(CONFIGURED_REWARD, kind="reward", replace=True)(reward)
+    rewards = {name: get_reward(name) for name in reward_names()}
+    rewards.update(zip(reward.names, (fn for fn, _ in reward.funcs)))
+    rewards[CONFIGURED_REWARD] = reward
+    taken = set(CallableRegistry.names()) - set(CallableRegistry.names("reward"))
+    clash = sorted(taken & set(rewards))
+    if clash:
+        raise ValueError(f"reward names {', '.join(clash)} are taken by other kinds of callables; rename them")
+    for name, fn in rewards.items():
+        CallableRegistry.register(name, kind="reward", replace=True)(fn)
     return HotSwapper({"reward": CONFIGURED_REWARD, "aggregator": aggregator, "lr_schedule": lr_schedule},
                       run_dir, bus=bus, device=device if device.type == "cuda" else None)
 
@@ -72,4 +85,4 @@ def build_swapper(*, reward: WeightedReward, aggregator: str, lr_schedule: str, 
 def current_reward(swapper: HotSwapper) -> WeightedReward:
     """The reward in use: the configured weighted sum, or a swapped-in function at weight 1."""
     fn = swapper["reward"]
-    return fn if isinstance(fn, WeightedReward) else WeightedReward([(fn, 1.0)])
+    return fn if isinstance(fn, WeightedReward) else WeightedReward([(fn, 1.0)], names=[swapper.slots["reward"]])

@@ -40,55 +40,35 @@ import yaml
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from fedgspo.robust.aggregators import build_aggregator
-from fedgspo.telemetry.alerts import AlertMonitor
-from fedgspo.robust.attacks import apply_attack, poison_rewards
-from fedgspo.bookkeeping import RunBookkeeper
-from fedgspo.integrity.audit import (
-    CHECKPOINT,
-    CHECKPOINT_SKIPPED,
-    DETECTION,
-    HOT_SWAP,
-    PROOF_FAILURE,
-    QUARANTINE,
-    RESUME,
-    RUN_END,
-    RUN_START,
-    AuditLog,
-)
-from fedgspo.integrity.auth import (
-    AuthError,
-    RequestInbox,
-    UpdateAuthenticator,
-    audit_auth_failures,
-    load_keyring,
-    poll_requests,
-)
-from fedgspo.checkpoint import CheckpointError, CheckpointManager, save_checkpoint, write_json_atomic
+from fedgspo.checkpoint import CheckpointError, CheckpointManager
 from fedgspo.config import Config, ConfigError, load_config
 from fedgspo.distributed import (
     DistContext,
     FlatGradients,
+    all_gather_bytes,
     all_reduce_mean,
     broadcast_object,
     broadcast_parameters,
     destroy_distributed,
-    gather_objects,
     init_distributed,
 )
 from fedgspo.faults import FaultInjector
-from fedgspo.gspo.loss import GSPOStats, group_advantages, gspo_loss_and_stats
-from fedgspo.telemetry.metrics import MetricsLogger, read_metrics
-from fedgspo.gspo.model import build_model, weights_sha256
-from fedgspo.pipeline import load_pipeline, run_pipeline
-from fedgspo.integrity.proof import RolloutClaim, build_proofs, cross_verify
-from fedgspo.gspo.rewards import WeightedReward
-from fedgspo.robust.reputation import ReputationTracker
-from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
+from fedgspo.gspo.data import Task
+from fedgspo.gspo.loss import GSPOStats, backward_in_micro_batches, group_advantages
+from fedgspo.gspo.model import ModelError, autocast, build_model, load_policy, trainable_numel, weights_sha256
 from fedgspo.gspo.rollout import Rollout, completion_logps, generate
+from fedgspo.gspo.task import PromptBatch
+from fedgspo.integrity.audit import CHECKPOINT, CHECKPOINT_SKIPPED, DETECTION, HOT_SWAP, PROOF_FAILURE, QUARANTINE, RESUME
+from fedgspo.integrity.auth import AuthError, UpdateAuthenticator, load_keyring, poll_requests
+from fedgspo.integrity.proof import RolloutClaim, build_proofs, cross_verify
+from fedgspo.pipeline import load_pipeline, run_pipeline
+from fedgspo.preflight import Prepared, prepare
+from fedgspo.recorder import open_recorder
+from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
+from fedgspo.robust.attacks import apply_attack, poison_rewards
+from fedgspo.robust.reputation import ReputationTracker
+from fedgspo.runfiles import RunFiles
 from fedgspo.swappable import build_swapper, current_reward
-from fedgspo.gspo.task import DigitTask
-from fedgspo.telemetry.tracing import StepTracer
 
 
 @dataclass
@@ -98,9 +78,9 @@ class RolloutBatch:
     rollout: Rollout
     advantages: torch.Tensor  # (B,)
     rewards: torch.Tensor  # (B,)
-    reward_parts: dict[str, float]  # mean of each reward function's raw score
-    index: int
-    ref_logps: torch.Tensor | None  # (B, T) under the frozen reference; None when beta = 0  # rollout number (the task's step)
+    reward_parts: dict[str, tuple[float, int]]  # per reward function: sum and count of its non-None scores
+    index: int  # rollout number (the task's step)
+    ref_logps: torch.Tensor | None  # (B, T) under the frozen reference; None when beta = 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -123,7 +103,7 @@ def resolve_run_dir(cfg: Config, ctx: DistContext) -> Path:
     if ctx.is_main:
         name = cfg.run.name or time.strftime("gspo-%Y%m%d-%H%M%S")
         run_dir = cfg.run.dir or Path("runs") / name
-        if (run_dir / "metrics.jsonl").exists() and cfg.checkpoint.resume != "auto":
+        if RunFiles(run_dir).holds_run() and cfg.checkpoint.resume != "auto":
             error = (f"run.dir: {run_dir} already holds a run; pick another run.name or run.dir, "
                      "or continue it with checkpoint.resume=auto")
     error, run_dir = broadcast_object((error, run_dir))
@@ -132,66 +112,46 @@ def resolve_run_dir(cfg: Config, ctx: DistContext) -> Path:
     return Path(run_dir)
 
 
-def tolerated_f(rule: str, f: int | str, world_size: int) -> int:
-    """``f`` itself, or for ``"auto"`` the largest f that ``rule`` tolerates among
-    ``world_size`` ranks (0 when none is tolerated: then the rule cannot protect this run)."""
-    if f != "auto":
-        return int(f)
-    for candidate in range((world_size - 1) // 2, 0, -1):
-        try:
-            build_aggregator(rule, candidate).check(world_size)
-            return candidate
-        except ValueError:
-            continue
-    return 0
-
-
 class Trainer:
     """Owns the parts of a run, declared up front: task and rewards, policy and optimizer,
     gradient buffer and robust aggregation, reputation, and rank 0's logger and bookkeeping."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, run_dir: Path) -> None:
-        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+    def __init__(self, cfg: Config, ctx: DistContext, run_dir: Path, prepared: Prepared) -> None:
+        self.cfg, self.ctx, self.files = cfg, ctx, RunFiles(run_dir)
         gspo, agg = cfg.gspo, cfg.aggregation
-        # Task, policy, optimizer.
-        self.task = DigitTask(cfg.task, seed=cfg.train.seed)
-        tok = self.task.tokenizer
-        self.model = build_model(cfg.model, tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
-                                 eos_id=tok.eos_id, seed=cfg.train.seed).to(ctx.device)
+        # Task and tokenizer (checked before the run directory existed), policy, optimizer.
+        self.task, self.tokenizer = prepared.task, prepared.tokenizer
+        self.model = build_policy(cfg, self.task).to(ctx.device)
         broadcast_parameters(self.model)
         self.model.train()
+        # Only trainable parameters (LoRA: the adapters) are in the buffer the ranks exchange.
         self.grads = FlatGradients(list(self.model.parameters()))
-        # The KL reference is the starting policy, frozen; only built when the KL is on.
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if gspo.beta > 0 else None
+        # The KL reference is the starting policy, frozen; only built when the KL is on. With
+        # LoRA it is the base model itself, with the adapters switched off.
+        self.reference = (copy.deepcopy(self.model).eval().requires_grad_(False)
+                          if gspo.beta > 0 and cfg.model.lora is None else None)
         self.optimizer = torch.optim.AdamW(
             self.grads.params, lr=gspo.learning_rate, betas=(gspo.adam_beta1, gspo.adam_beta2),
             weight_decay=gspo.weight_decay)
-        # Rank 0's services; on other ranks these are no-ops or None. The metrics logger
-        # first: an unusable Prometheus port stops the run before anything is written.
-        self.logger = open_metrics_logger(cfg, ctx, run_dir)
-        self.book = RunBookkeeper(cfg.bookkeeping, run_dir, rank=ctx.rank)
-        self.alerts = AlertMonitor(cfg.alerts, run_dir, self.book.bus) if ctx.is_main and cfg.alerts.enabled else None
-        self.tracer = StepTracer(cfg.tracing, run_dir if ctx.is_main else None, run_name=run_dir.name)
+        # Rank 0's record of the run (a no-op recorder elsewhere); first, so an unusable
+        # Prometheus port stops the run before anything is written.
         sec = cfg.security
-        self.keyring = load_keyring(sec.key_file) if sec.key_file else None
-        self.authenticator = (UpdateAuthenticator(self.keyring, ctx.rank, run_id=run_dir.name)
-                              if self.keyring and sec.authenticate_updates and ctx.world_size > 1 else None)
-        admin_key = self._admin_key()
-        self.audit = AuditLog(run_dir, key=admin_key) if ctx.is_main else None
-        self.inbox = (RequestInbox(run_dir, admin_key, self.audit, max_age_s=cfg.security.request_max_age_s)
-                      if ctx.is_main and admin_key else None)
+        keyring = load_keyring(sec.key_file) if sec.key_file else None
+        self.recorder = open_recorder(cfg, ctx, self.files, keyring)
+        self.tracer = self.recorder.tracer
+        self.authenticator = (UpdateAuthenticator(keyring, ctx.rank, run_id=run_dir.name)
+                              if keyring and sec.authenticate_updates and ctx.world_size > 1 else None)
         self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint, rank=ctx.rank)
         # Hot-swappable parts: reward, aggregation rule, LR schedule.
-        # With keys, swaps come only as signed operator requests; without, from hotswap.json.
         self.swapper = build_swapper(
-            reward=WeightedReward.from_names([(r.name, r.weight) for r in cfg.task.reward_funcs]),
+            reward=prepared.reward,
             aggregator=agg.rule, lr_schedule=gspo.lr_scheduler_type,
-            run_dir=run_dir if ctx.is_main and admin_key is None else None, bus=self.book.bus, device=ctx.device)
+            run_dir=self.recorder.hotswap_root, bus=self.recorder.bus, device=ctx.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: self.swapper["lr_schedule"](s, cfg.train.max_steps, gspo.warmup_steps))
-        # Robust aggregation and whom to trust.
-        self.rule = agg.rule
-        self.f = tolerated_f(self.rule, agg.f, ctx.world_size)
+        # Robust aggregation and whom to trust: the rule object lives for the run (it keeps
+        # state across steps) and is rebuilt only by a hot swap or a resume.
+        self.aggregator = agg.build(ctx.world_size)
         self.reputation = ReputationTracker(ctx.world_size, agg.reputation, phases=gspo.num_iterations)
         self.attack = cfg.attack
         # Sampling differs per rank; everything that must agree across ranks uses the cfg seed.
@@ -203,71 +163,108 @@ class Trainer:
         self.proof_failed: list[int] = []  # ranks whose rollout proofs failed for the current batch
         self.stop_requested = False
         self.faults = FaultInjector(ctx.rank)
-        if ctx.is_main and ctx.world_size > 1 and self.f == 0 and self.rule != "mean":
-            tqdm.write(f"note: {ctx.world_size} ranks leave {self.rule} no Byzantine tolerance "
-                       f"(f=0); use 3+ ranks for f=1", file=sys.stderr)
+        self.recorder.say(f"policy: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                          f"{trainable_numel(self.model):,} trained and exchanged per step")
+        if ctx.world_size > 1 and self.aggregator.f == 0 and agg.rule != "mean":
+            self.recorder.say(f"note: {ctx.world_size} ranks leave {agg.rule} no Byzantine tolerance "
+                              f"(f=0); use 3+ ranks for f=1")
 
     # -- the step, in named parts --------------------------------------------------------------
 
     def collect(self, rollout_index: int) -> RolloutBatch:
         """Sample this rank's prompts, generate a group per prompt, score, normalise."""
-        gspo, tok, rank = self.cfg.gspo, self.task.tokenizer, self.ctx.rank
+        gspo, rank = self.cfg.gspo, self.ctx.rank
         prompts = self.task.sample(rank, rollout_index)
-        rollout = generate(
-            self.model, prompts.input_ids.to(self.ctx.device), prompts.attention_mask.to(self.ctx.device),
-            num_generations=gspo.num_generations, max_new_tokens=gspo.max_completion_length,
-            temperature=gspo.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=self.sampler)
-        completions = [tok.decode(row) for row in rollout.completion_ids.tolist()]
-        repeat = gspo.num_generations
+        rollout = self.generate(prompts, gspo.num_generations, sampler=self.sampler)
         with self.tracer.span("reward"):
-            rewards, parts = current_reward(self.swapper)(
-                [p for p in prompts.prompts for _ in range(repeat)], completions,
-                answer=[a for a in prompts.answers for _ in range(repeat)])
+            rewards, parts = self.score(prompts, rollout, gspo.num_generations)
         rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.ctx.device)
         # A reward_flip attacker trains on poisoned rewards; the true ones are logged.
         trained_on = poison_rewards(self.attack, rewards_t, rank, rollout_index)
-        advantages = group_advantages(trained_on, repeat, scale=gspo.scale_rewards)
-        return RolloutBatch(rollout, advantages, rewards_t, {k: sum(v) / len(v) for k, v in parts.items()},
-                            rollout_index, self.reference_logps(rollout))
+        advantages = group_advantages(trained_on, gspo.num_generations, scale=gspo.scale_rewards)
+        return RolloutBatch(rollout, advantages, rewards_t, parts, rollout_index, self.reference_logps(rollout))
+
+    def generate(self, prompts: PromptBatch, num_generations: int, *, sampler: torch.Generator | None,
+                 greedy: bool = False) -> Rollout:
+        """``num_generations`` completions per prompt with the run's sampling settings (top-k 1
+        when ``greedy``)."""
+        gspo = self.cfg.gspo
+        with autocast(self.cfg.model, self.ctx.device):
+            return generate(
+                self.model, prompts.input_ids.to(self.ctx.device), prompts.attention_mask.to(self.ctx.device),
+                num_generations=num_generations, max_new_tokens=gspo.max_completion_length,
+                temperature=gspo.temperature, eos_id=self.task.eos_id, pad_id=self.task.pad_id, generator=sampler,
+                top_k=1 if greedy else gspo.top_k, top_p=gspo.top_p, repetition_penalty=gspo.repetition_penalty,
+                stop_strings=gspo.stop_strings, tokenizer=self.tokenizer, max_batch=gspo.generation_batch_size)
+
+    def score(self, prompts: PromptBatch, rollout: Rollout, repeat: int
+              ) -> tuple[list[float], dict[str, tuple[float, int]]]:
+        """Rewards of the completions (TRL's call: prompts, completions and every other data
+        column, each repeated per completion) and, per reward function, the sum and count of
+        its scores that were not ``None``."""
+        completions = self.task.decode(rollout.completion_ids.tolist())
+        columns = {k: [v for v in values for _ in range(repeat)] for k, values in prompts.columns.items()}
+        rewards, parts = current_reward(self.swapper)(
+            [p for p in prompts.prompts for _ in range(repeat)], completions, **columns)
+        return rewards, {name: (sum(s for s in scores if s is not None), sum(s is not None for s in scores))
+                         for name, scores in parts.items()}
 
     def compute_gradients(self, batch: RolloutBatch, *, prove: bool) -> tuple[torch.Tensor, GSPOStats]:
-        """GSPO loss of the batch under the current policy, back-propagated into the buffer.
-        With ``prove`` (the first update of a rollout), the same forward's hidden states make
-        this rank's rollout proofs, which the ranks then check for one another."""
-        gspo = self.cfg.gspo
+        """GSPO loss of the batch under the current policy, back-propagated into the buffer in
+        micro-batches of ``train.micro_batch_size`` rows (the same gradient as one batch). With
+        ``prove`` (the first update of a rollout), the same forwards' hidden states make this
+        rank's rollout proofs, which the ranks then check for one another."""
+        gspo, rollout = self.cfg.gspo, batch.rollout
         self.grads.zero()
-        logps, hidden = completion_logps(self.model, batch.rollout, gspo.temperature, hidden=prove)
-        if prove:
-            self.verify_rollouts(batch, hidden)
-        loss, stats = gspo_loss_and_stats(
-            logps, batch.rollout.old_logps, batch.advantages, batch.rollout.completion_mask,
+        hidden: list[torch.Tensor] = []
+
+        def logps_of(rows: slice) -> torch.Tensor:
+            with autocast(self.cfg.model, self.ctx.device):
+                logps, states = completion_logps(self.model, rollout.rows(rows), gspo.temperature, hidden=prove)
+            if prove:
+                hidden.append(states)
+            return logps.float()
+
+        loss, stats = backward_in_micro_batches(
+            logps_of, rollout.old_logps, batch.advantages, rollout.completion_mask,
+            micro_batch_size=self.cfg.train.micro_batch_size or rollout.old_logps.shape[0],
             epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, level=gspo.importance_sampling_level,
             ref_logps=batch.ref_logps, beta=gspo.beta)
-        loss.backward()
-        return loss.detach(), stats
+        if prove:
+            self.verify_rollouts(batch, torch.cat(hidden))
+        return loss, stats
 
     @torch.no_grad()
     def reference_logps(self, rollout: Rollout) -> torch.Tensor | None:
         """Completion log-probs under the frozen reference policy, once per rollout (the
         reference never changes); ``None`` when beta = 0."""
-        if self.reference is None:
+        if self.cfg.gspo.beta == 0:
             return None
-        return completion_logps(self.reference, rollout, self.cfg.gspo.temperature)[0]
+        with autocast(self.cfg.model, self.ctx.device):
+            if self.reference is not None:
+                return completion_logps(self.reference, rollout, self.cfg.gspo.temperature)[0].float()
+            with self.model.disable_adapter():
+                return completion_logps(self.model, rollout, self.cfg.gspo.temperature)[0].float()
 
     def verify_rollouts(self, batch: RolloutBatch, hidden: torch.Tensor) -> None:
         """Commit to this rank's rollout and check a sampled part of a neighbour's (collective).
-        Ranks whose proofs fail are left out of aggregation until their next rollout."""
-        roll, tok = batch.rollout, self.task.tokenizer
+        Ranks whose proofs fail are left out of aggregation until their next rollout. The
+        neighbour's prompts are checked too where this rank can draw them (the digit task);
+        a data set's shard is private to its rank."""
+        roll, gspo = batch.rollout, self.cfg.gspo
         claim = RolloutClaim(roll.input_ids, roll.attention_mask, roll.completion_mask, roll.old_logps,
                              roll.prompt_length, build_proofs(hidden, roll.completion_mask, self.cfg.proof))
+        expected = None
+        if self.cfg.task.dataset is None:
+            expected = lambda r: self.task.sample(r, batch.index).input_ids.repeat_interleave(  # noqa: E731
+                gspo.num_generations, dim=0)
         result = cross_verify(
-            self.model, claim, step=batch.index, cfg=self.cfg.proof, temperature=self.cfg.gspo.temperature,
-            eos_id=tok.eos_id, pad_id=tok.pad_id,
-            expected_prompt_ids=lambda r: self.task.sample(r, batch.index).input_ids.repeat_interleave(
-                self.cfg.gspo.num_generations, dim=0))
+            self.model, claim, step=batch.index, cfg=self.cfg.proof, temperature=gspo.temperature,
+            eos_id=self.task.eos_id, pad_id=self.task.pad_id, stop_strings=gspo.stop_strings,
+            tokenizer=self.tokenizer, expected_prompt_ids=expected)
         self.proof_failed = result.failed
         for r in result.failed:
-            self._audit(PROOF_FAILURE, {"subject_rank": r, "rollout": batch.index}, rank=r)
+            self.recorder.audit(PROOF_FAILURE, {"subject_rank": r, "rollout": batch.index}, step=self.step, rank=r)
 
     def aggregate(self, step: int) -> RobustReport:
         """Replace this rank's gradient by the robust aggregate of all ranks' (in place), then
@@ -275,22 +272,23 @@ class Trainer:
         apply_attack(self.attack, self.grads.buffer, self.ctx.rank, step)
         agg = self.cfg.aggregation
         report = robust_all_reduce(
-            self.grads.buffer, **{**agg.all_reduce_kwargs(), "rule": self.rule, "f": self.f},
+            self.grads.buffer, self.aggregator, **agg.all_reduce_kwargs(),
             weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed,
             authenticator=self.authenticator, step=step if self.authenticator else None)
-        audit_auth_failures(self.audit, report.auth_failed, step=step, mode=report.mode)
-        if self.proof_failed:
-            report = dataclasses.replace(report, flagged=sorted(set(report.flagged) | set(self.proof_failed)))
+        self.recorder.audit_auth_failures(report.auth_failed, step=step, mode=report.mode)
+        measured = set(report.flagged) | set(self.proof_failed)
         was_quarantined = set(self.reputation.quarantined())
         # Deviations across steps count as flags (averaged per update of a rollout).
-        persistent = self.reputation.update(report, phase=step % self.cfg.gspo.num_iterations)
-        if persistent:
-            report = dataclasses.replace(report, flagged=sorted(set(report.flagged) | set(persistent)))
-        for r in report.flagged:
-            self._audit(DETECTION, {"subject_rank": r, "z": report.z_scores[r] if r < len(report.z_scores) else None,
-                                    "nonfinite": r in report.nonfinite, "persistent": r in persistent}, rank=r)
+        flagged = self.reputation.update(dataclasses.replace(report, flagged=sorted(measured)),
+                                         phase=step % self.cfg.gspo.num_iterations)
+        report = dataclasses.replace(report, flagged=flagged)
+        for r in flagged:
+            self.recorder.audit(DETECTION, {
+                "subject_rank": r, "z": report.z_scores[r] if r < len(report.z_scores) else None,
+                "nonfinite": r in report.nonfinite, "persistent": r not in measured}, step=step, rank=r)
         for r in set(self.reputation.quarantined()) - was_quarantined:
-            self._audit(QUARANTINE, {"subject_rank": r, "trust": self.reputation.ranks[r].trust}, rank=r)
+            self.recorder.audit(QUARANTINE, {"subject_rank": r, "trust": self.reputation.ranks[r].trust},
+                                step=step, rank=r)
         return report
 
     def optimizer_step(self, report: RobustReport) -> torch.Tensor:
@@ -307,36 +305,40 @@ class Trainer:
     def apply_operator_actions(self, step: int) -> None:
         """At a step boundary, on every rank (collective): signed operator requests (stop,
         quarantine, hot swap), then pending hot swaps, all from rank 0."""
-        for request in poll_requests(self.inbox, step):
+        for request in poll_requests(self.recorder.inbox, step):
             if request.action == "stop":
                 self.stop_requested = True
             elif request.action == "quarantine":
                 rank = int(request.args["rank"])
                 self.reputation.ranks[rank].quarantined = True
-                self._audit(QUARANTINE, {"subject_rank": rank, "by": "operator"}, rank=rank)
+                self.recorder.audit(QUARANTINE, {"subject_rank": rank, "by": "operator"}, step=step, rank=rank)
             elif request.action == "hotswap":
                 for slot, name in request.args["swaps"].items():
                     self.swapper.request(slot, name)
         swaps = self.swapper.sync(step)
         if swaps:
-            self._audit(HOT_SWAP, swaps)
+            self.recorder.audit(HOT_SWAP, swaps, step=step)
+            self.recorder.say(f"step {step}: hot swap {swaps}")
         if "aggregator" in swaps:
-            self.rule = swaps["aggregator"]
-            self.f = tolerated_f(self.rule, self.cfg.aggregation.f, self.ctx.world_size)
-        if swaps and self.ctx.is_main:
-            tqdm.write(f"step {step}: hot swap {swaps}", file=sys.stderr)
+            self.use_rule(swaps["aggregator"])
+
+    def use_rule(self, name: str) -> None:
+        """Aggregate with rule ``name`` from now on (hot swap, resume); the run's entities follow."""
+        self.aggregator = self.cfg.aggregation.build(self.ctx.world_size, rule=name)
+        self.recorder.rule_changed(self.aggregator.spec(), self.aggregator.f)
 
     def save_checkpoint(self, step: int, record: dict, *, now: bool = False) -> None:
         """Every ``checkpoint.every`` steps, or ``now`` (collective): model, optimizer, schedule,
         RNG and reputation; rank 0 audits it and registers it as the child of the previous one."""
         save = self.checkpoints.save if now else self.checkpoints.maybe_save
         info = save(step, self.model, self.optimizer, self.scheduler,
-                    {"reputation": self.reputation.state_dict(), "rule": self.rule}, {"sampler": self.sampler})
+                    {"reputation": self.reputation.state_dict(), "rule": self.swapper.slots["aggregator"]},
+                    {"sampler": self.sampler})
         if info is None:
             return
-        self._audit(CHECKPOINT, {"path": str(info.path), "sha256": info.sha256,
-                                 "weights_sha256": info.weights_sha256, "parent": info.parent})
-        self.book.checkpoint(info.path, info.step, info.sha256, {"reward_mean": record["reward_mean"]})
+        self.recorder.audit(CHECKPOINT, {"path": str(info.path), "sha256": info.sha256,
+                                         "weights_sha256": info.weights_sha256, "parent": info.parent}, step=step)
+        self.recorder.checkpoint(info.path, info.step, info.sha256, {"reward_mean": record["reward_mean"]})
 
     def resume(self) -> int:
         """Restore the newest verified checkpoint when ``checkpoint.resume`` asks for one
@@ -344,28 +346,17 @@ class Trainer:
         resumed = self.checkpoints.load_latest_verified(self.model, self.optimizer, self.scheduler,
                                                         {"sampler": self.sampler})
         for path, reason in self.checkpoints.skipped:
-            self._audit(CHECKPOINT_SKIPPED, {"path": path, "reason": reason})
-            if self.ctx.is_main:
-                tqdm.write(f"warning: skipped corrupt checkpoint {path}: {reason}", file=sys.stderr)
+            self.recorder.audit(CHECKPOINT_SKIPPED, {"path": path, "reason": reason}, step=0)
+            self.recorder.say(f"warning: skipped corrupt checkpoint {path}: {reason}")
         if resumed is None:
             return 0
         self.reputation.load_state_dict(resumed.extra_state["reputation"])
-        self.rule = resumed.extra_state["rule"]
-        self.f = tolerated_f(self.rule, self.cfg.aggregation.f, self.ctx.world_size)
-        self._audit(RESUME, {"path": str(resumed.info.path), "sha256": resumed.info.sha256}, step=resumed.info.step)
-        if self.ctx.is_main:
-            tqdm.write(f"resumed from {resumed.info.path} (step {resumed.info.step})", file=sys.stderr)
+        self.swapper.slots["aggregator"] = resumed.extra_state["rule"]
+        self.aggregator = self.cfg.aggregation.build(self.ctx.world_size, rule=resumed.extra_state["rule"])
+        self.recorder.audit(RESUME, {"path": str(resumed.info.path), "sha256": resumed.info.sha256},
+                            step=resumed.info.step)
+        self.recorder.say(f"resumed from {resumed.info.path} (step {resumed.info.step})")
         return resumed.info.step
-
-    def _admin_key(self) -> bytes | None:
-        """The run's admin key from ``security.key_file`` (rank 0 only holds it), else None."""
-        if self.keyring is None or not self.ctx.is_main or not self.keyring.admin:
-            return None
-        return self.keyring.admin_key()
-
-    def _audit(self, kind: str, payload: dict, *, step: int | None = None, rank: int = 0) -> None:
-        if self.audit is not None:
-            self.audit.append(kind, payload, step=self.step if step is None else step, rank=rank)
 
     def summarise(self, step: int, batch: RolloutBatch, loss: torch.Tensor, stats: GSPOStats,
                   grad_norm: torch.Tensor, report: RobustReport, times: dict[str, float]) -> dict:
@@ -375,7 +366,7 @@ class Trainer:
         lengths = batch.rollout.completion_mask.sum(-1)
         local = torch.stack([
             rewards.mean(), (rewards ** 2).mean(), lengths.mean(), loss, stats.clip_frac,
-            stats.ratio_mean, stats.kl, *[torch.tensor(v) for v in batch.reward_parts.values()],
+            stats.ratio_mean, stats.kl, *[torch.tensor(float(x)) for part in batch.reward_parts.values() for x in part],
         ]).float()
         reward_mean, reward_sq, length, loss_, clip, ratio, kl, *parts = all_reduce_mean(local).tolist()
         step_time, ranks = sum(times.values()), self.reputation.ranks
@@ -391,20 +382,39 @@ class Trainer:
             "flagged_frac": len(report.flagged) / self.ctx.world_size,
             "rank_z_score": report.z_scores, "rank_trust": [r.trust for r in ranks],
             "rank_flags": [r.flags for r in ranks], "rank_quarantined": [int(r.quarantined) for r in ranks],
-            **self.book.counters(),
+            **self.recorder.counters(),
         }
-        record.update({f"reward/{k}": v for k, v in zip(batch.reward_parts, parts)})
+        record.update(part_means("reward/", batch.reward_parts, parts))
         return record
+
+    @torch.no_grad()
+    def evaluate_split(self) -> dict[str, float]:
+        """``eval/*`` figures over ``eval.num_prompts`` prompts of the eval split on every rank
+        (one completion each, greedy unless ``eval.greedy`` is off), averaged over ranks."""
+        sums: dict[str, tuple[float, int]] = {}
+        reward_sum = length_sum = count = 0.0
+        for prompts in self.task.eval_batches(self.cfg.eval.num_prompts):
+            rollout = self.generate(prompts, 1, sampler=self.sampler, greedy=self.cfg.eval.greedy)
+            rewards, parts = self.score(prompts, rollout, 1)
+            reward_sum, count = reward_sum + sum(rewards), count + len(rewards)
+            length_sum += float(rollout.completion_mask.sum())
+            for name, (total, n) in parts.items():
+                old = sums.get(name, (0.0, 0))
+                sums[name] = (old[0] + total, old[1] + n)
+        local = torch.tensor([reward_sum, length_sum, count, *[float(x) for part in sums.values() for x in part]])
+        reward_total, length_total, n, *parts_total = all_reduce_mean(local).tolist()
+        return {"eval/reward_mean": reward_total / max(n, 1), "eval/completion_len": length_total / max(n, 1),
+                **part_means("eval/reward/", sums, parts_total)}
 
     # -- the loop ------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
         """The loop: resume, then one recipe per optimizer step until ``max_steps`` or a stop."""
-        cfg, ctx = self.cfg, self.ctx
+        cfg = self.cfg
         first = self.resume()
         self.start(first)
         bar = tqdm(total=cfg.train.max_steps, initial=first, desc="gspo", dynamic_ncols=True,
-                   disable=not (ctx.is_main and cfg.run.progress_bar))
+                   disable=not (self.ctx.is_main and cfg.run.progress_bar))
         history: list[dict] = []
         for step in range(first, cfg.train.max_steps):
             self.step = step
@@ -413,8 +423,8 @@ class Trainer:
             history.append(record)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
-            if ctx.is_main and ((step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps):
-                tqdm.write(console_line(record, cfg.train.max_steps), file=sys.stderr)
+            if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps:
+                self.recorder.say(console_line(record, cfg.train.max_steps))
             if self.stop_requested:
                 self.save_checkpoint(step + 1, record, now=True)
                 break
@@ -439,6 +449,10 @@ class Trainer:
         with phase(times, "optimizer"):
             grad_norm = self.optimizer_step(report)
         record = self.summarise(step, self.batch, loss, stats, grad_norm, report, times)
+        if self.cfg.eval.every and (step + 1) % self.cfg.eval.every == 0:
+            with phase(times, "eval"):
+                record.update(self.evaluate_split())
+            record["time_eval_s"] = times["eval"]
         with phase(times, "checkpoint"):
             self.save_checkpoint(step + 1, record)
         record["time_checkpoint_s"] = times["checkpoint"]
@@ -464,86 +478,60 @@ class Trainer:
         return record
 
     def publish(self, record: dict, z_scores: list[float]) -> None:
-        """Rank 0's outputs of a step record (no-ops elsewhere): events and registry versions,
-        metrics files and endpoint, alerts."""
-        self.book.step(record["step"], record, z_scores, self.reputation.ranks)
-        if self.logger:
-            self.logger.log(record)
-        if self.alerts:
-            self.alerts.observe(record)
+        """A step record's outputs on rank 0: events and registry versions, metrics, alerts."""
+        self.recorder.publish(record, z_scores, self.reputation.ranks)
 
     def start(self, first_step: int) -> None:
         """Rank 0 writes the resolved config, audits the start and registers the run."""
-        weights = weights_sha256(self.model)
-        if self.ctx.is_main:
-            (self.run_dir / "config.yaml").write_text(
-                yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
-        self._audit(RUN_START, {"config_sha256": self.cfg.digest(), "world_size": self.ctx.world_size,
-                                "weights_sha256": weights, "first_step": first_step}, step=first_step)
         parent = self.checkpoints.parent
-        self.book.start(name=self.run_dir.name, cfg=self.cfg, model_cfg=self.cfg.model,
-                        vocab_size=self.task.tokenizer.vocab_size, weights_hash=weights,
-                        world_size=self.ctx.world_size, f=self.f,
-                        resumed_from=parent.sha256 if parent else None)
+        hf = self.model.config
+        self.recorder.start(
+            first_step=first_step, world_size=self.ctx.world_size, weights_sha256=weights_sha256(self.model),
+            rule=self.aggregator.spec(), f=self.aggregator.f, resumed_from=parent.sha256 if parent else None,
+            model_info={"model_type": hf.model_type, "vocab_size": hf.vocab_size, "hidden_size": hf.hidden_size,
+                        "num_layers": hf.num_hidden_layers},
+            dataset_info={"name": f"digits/{self.cfg.task.name}", "source": "synthetic"})
 
     def finish(self, history: list[dict], first_step: int) -> None:
-        """Every rank reports its weights hash (they must agree); rank 0 writes the final
-        checkpoint and ``summary.json`` and closes the run's entities."""
-        weights = weights_sha256(self.model)
-        per_rank = gather_objects(weights)
-        if not self.ctx.is_main:
-            return
-        if len(set(per_rank)) > 1:
-            tqdm.write(f"warning: ranks ended with different weights: {per_rank}", file=sys.stderr)
-        steps = first_step + len(history)
-        final = save_checkpoint(self.run_dir / "checkpoints" / "final", self.model,
-                                step=steps, metadata={"weights_sha256": weights})
-        # The whole run's curve, across resumes: the last record of each step wins.
-        curve = list({r["step"]: r["reward_mean"] for r in read_metrics(self.run_dir)}.values())
-        window = min(10, len(curve))
-        first, last = sum(curve[:window]) / window, sum(curve[-window:]) / window
-        self.book.checkpoint(final, steps, weights, {"reward_mean": last})
-        self.book.finish("completed", weights, step=steps, reputations=self.reputation.ranks)
-        self._audit(RUN_END, {"weights_sha256": weights, "final_checkpoint": str(final)}, step=steps)
-        self.summary = {
-            "steps": steps, "world_size": self.ctx.world_size, "resumed_at": first_step,
-            "reward_first10": first, "reward_last10": last, "weights_sha256": weights,
-            "weights_sha256_per_rank": per_rank, "final_checkpoint": str(final),
-            "config_sha256": self.cfg.digest(), "seconds": sum(r["step_time_s"] for r in history),
-            "reputation": self.reputation.state_dict()["ranks"],
-        }
-        write_json_atomic(self.run_dir / "summary.json", self.summary)
-        tqdm.write(f"done: reward {first:.3f} (first {window} steps) -> {last:.3f} (last {window}); "
-                   f"run directory {self.run_dir}", file=sys.stderr)
+        """Every rank reports its weights hash (they must agree: bytes, never pickle); rank 0
+        writes the final checkpoint and ``summary.json`` and closes the run's entities."""
+        per_rank = [_hex_digest(blob) for blob in all_gather_bytes(weights_sha256(self.model).encode())]
+        self.summary = self.recorder.finish(
+            self.model, tokenizer=self.tokenizer, merge_lora=self.cfg.checkpoint.final_lora == "merged",
+            steps=first_step + len(history), first_step=first_step, world_size=self.ctx.world_size,
+            seconds=sum(r["step_time_s"] for r in history), weights_per_rank=per_rank,
+            reputation=self.reputation.state_dict()["ranks"], reputations=self.reputation.ranks)
 
     def close(self, failed: bool = False) -> None:
-        if failed:
-            self.book.finish("failed")
-        self.book.close()
-        if self.logger:
-            self.logger.close()
-        if self.alerts:
-            self.alerts.close()
-        self.tracer.close()
+        self.recorder.close(failed)
+
+
+def build_policy(cfg: Config, task: Task) -> torch.nn.Module:
+    """The policy with its training options (precision, checkpointing, LoRA): the local model
+    of ``model.path`` for a data set; for the digit task a tiny model built for its characters,
+    or ``model.path`` checked against them. Raises ``ModelError`` (one line)."""
+    if cfg.task.dataset is not None:
+        return load_policy(cfg.model, seed=cfg.train.seed, tokenizer=False)[0]
+    tok = task.tokenizer
+    return build_model(cfg.model, tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                       seed=cfg.train.seed)
+
+
+def part_means(prefix: str, parts: dict[str, tuple[float, int]], totals: list[float]) -> dict[str, float]:
+    """``{prefix + name: sum / count}`` from the flattened (sum, count) pairs ``totals`` of the
+    reward functions ``parts`` (in its order); a function that scored nothing is left out."""
+    return {f"{prefix}{name}": totals[2 * i] / totals[2 * i + 1]
+            for i, name in enumerate(parts) if totals[2 * i + 1] > 0}
+
+
+def _hex_digest(blob: bytes) -> str:
+    """A peer's sha256 as 64 lower-case hex characters; anything else reads as ``"invalid"``."""
+    text = blob.decode("ascii", errors="replace")
+    return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else "invalid"
 
 
 class ConsensusFailure(RuntimeError):
     """Too many ranks were flagged for the rule to produce a trustworthy update."""
-
-
-def open_metrics_logger(cfg: Config, ctx: DistContext, run_dir: Path) -> MetricsLogger | None:
-    """Rank 0's :class:`MetricsLogger` (``None`` elsewhere), collectively: a Prometheus port
-    that rank 0 cannot bind is a :class:`ConfigError` on every rank."""
-    logger, error = None, None
-    if ctx.is_main:
-        try:
-            logger = MetricsLogger(run_dir, cfg.run.tensorboard, cfg.metrics)
-        except OSError as err:
-            error = f"metrics.prometheus_port: cannot serve on {cfg.metrics.prometheus_port} ({err.strerror or err})"
-    error = broadcast_object(error)
-    if error:
-        raise ConfigError(error)
-    return logger
 
 
 def console_line(record: dict, max_steps: int) -> str:
@@ -566,11 +554,13 @@ def _configure_threads(cfg: Config, ctx: DistContext) -> None:
 def run(cfg: Config, ctx: DistContext) -> dict | None:
     """Train one run on every rank; returns its summary on rank 0 (``None`` elsewhere).
     Raises :class:`ConfigError` when the run directory is taken (on every rank)."""
-    run_dir = resolve_run_dir(cfg, ctx)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()  # transformers' bar on every checkpoint write
-    trainer = Trainer(cfg, ctx, run_dir)
+    prepared = prepare(cfg, ctx)
+    run_dir = resolve_run_dir(cfg, ctx)
+    try:
+        trainer = Trainer(cfg, ctx, run_dir, prepared)
+    except ModelError as err:
+        raise ConfigError(str(err)) from None
     try:
         trainer.train()
     except BaseException:

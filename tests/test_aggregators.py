@@ -264,14 +264,13 @@ def test_krum_picks_an_honest_row(n, seed, offset):
 def test_aggregation_config_builds_all_reduce_arguments():
     from pydantic import ValidationError
 
-    from fedgspo.robust.config import AggregationConfig
+    from fedgspo.robust.config import AggregationConfig, tolerated_f
 
     cfg = AggregationConfig(rule="median", f=1, pre=["bucketing"], bucket_size=3, options={"seed": 4})
-    kwargs = cfg.all_reduce_kwargs()
-    assert kwargs["rule"] == "median" and kwargs["f"] == 1 and kwargs["pre"] == ("bucketing",)
-    assert kwargs["bucket_size"] == 3 and kwargs["seed"] == 4 and kwargs["mode"] == "sharded"
-    extra = {k: v for k, v in kwargs.items() if k not in ("rule", "f", "pre", "mode", "z_threshold", "exclude_flagged")}
-    assert A.build_aggregator("median", 1, pre=("bucketing",), **extra).spec() == "bucketing(s=3,seed=4)+median(f=1)"
+    assert cfg.all_reduce_kwargs() == {"mode": "sharded", "z_threshold": cfg.z_threshold, "exclude_flagged": False}
+    assert cfg.build(world_size=5).spec() == "bucketing(s=3,seed=4)+median(f=1)"
+    assert cfg.build(world_size=5, rule="trimmed_mean").spec() == "bucketing(s=3,seed=4)+trimmed_mean(f=1)"
+    assert AggregationConfig(rule="median").build(world_size=5).f == tolerated_f("median", "auto", 5) == 2
     for bad in ({"rule": "average"}, {"options": {"taux": 1.0}}, {"mode": "fast"}, {"unknown": 1}):
         with pytest.raises(ValidationError):
             AggregationConfig(**bad)

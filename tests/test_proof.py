@@ -160,3 +160,41 @@ def test_cross_verify_single_process_checks_itself(honest) -> None:
     report = cross_verify(model, wrong, step=0, cfg=ProofConfig(rate=0.5), temperature=1.0, eos_id=EOS, pad_id=PAD,
                           expected_prompt_ids=lambda r: ro.input_ids[::8, :ro.prompt_length])
     assert report.failed == [0]
+
+
+def test_stop_string_rollouts_verify_with_the_same_stop_strings() -> None:
+    from hf_fixtures import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    model = make_model(tok, hidden=32, seed=1).eval()
+    batch = tok(["what is 2 + 3", "1 + 1"], padding=True, return_tensors="pt")
+    args = dict(num_generations=8, max_new_tokens=10, temperature=1.0, eos_id=tok.eos_token_id,
+                pad_id=tok.pad_token_id)
+    free = generate(model, batch["input_ids"], batch["attention_mask"], **args,
+                    generator=torch.Generator().manual_seed(0))
+    stops = [tok.decode(free.completion_ids[0, 2:3].tolist())]
+    ro = generate(model, batch["input_ids"], batch["attention_mask"], **args, stop_strings=stops, tokenizer=tok,
+                  generator=torch.Generator().manual_seed(0))
+    assert bool((ro.completion_mask.sum(-1) < 10).any())
+    proofs = build_proofs(decode_hidden(model, ro.input_ids, ro.attention_mask, ro.prompt_length),
+                          ro.completion_mask, CFG)
+    ref = prefill(model, ro.input_ids, ro.attention_mask, ro.prompt_length, 1.0)
+    ids = ro.input_ids[:, ro.prompt_length:]
+
+    def check(**stop):
+        return check_proofs(ref, ids, ro.completion_mask, ro.old_logps, proofs, CFG, eos_id=tok.eos_token_id,
+                            pad_id=tok.pad_token_id, **stop)
+
+    assert all(c.ok for c in check(stop_strings=stops, tokenizer=tok))
+    ended_early = [r for r in range(ids.shape[0])
+                   if tok.eos_token_id not in ids[r].tolist() and ro.completion_mask[r].sum() < 10]
+    assert ended_early
+    without = check()  # a verifier without the stop strings sees completions cut short
+    assert all(not without[r].ok and "ends before EOS" in without[r].reason for r in ended_early)
+    longer = ro.completion_mask.clone()  # a completion that runs on past its stop string fails
+    r = ended_early[0]
+    n = int(longer[r].sum())
+    longer[r, n] = 1
+    bad = check_proofs(ref, ids, longer, ro.old_logps, proofs, CFG, eos_id=tok.eos_token_id,
+                       pad_id=tok.pad_token_id, stop_strings=stops, tokenizer=tok)[r]
+    assert not bad.ok and "after EOS or a stop string" in bad.reason

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from fedgspo.telemetry.metrics import read_metrics
-from fedgspo.train import main, tolerated_f
+from fedgspo.robust.config import tolerated_f
+from fedgspo.train import main
 
 FAST = ["train.max_steps=6", "run.progress_bar=false", "run.log_every=3", "task.prompts_per_rank=2",
         "gspo.num_generations=4"]

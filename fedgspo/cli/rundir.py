@@ -39,8 +39,9 @@ from fedgspo.entities import (
 )
 from fedgspo.entities.registry import REGISTRY_FILENAME, EntityRegistry
 from fedgspo.telemetry.metrics import read_metrics
+from fedgspo import runfiles
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json")
+RUN_MARKERS = runfiles.RUN_MARKERS
 STALE_AFTER_S = 300.0
 
 
@@ -85,13 +86,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """``summary.json`` (written when a run completes), or ``None``."""
-    return _read_json(run_dir / "summary.json")
+    return _read_json(runfiles.RunFiles(run_dir).summary)
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
     """The resolved ``config.yaml`` as a dict (``{}`` if absent or unreadable)."""
     try:
-        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return yaml.safe_load(runfiles.RunFiles(run_dir).config.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
@@ -99,7 +100,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Step records of ``metrics.jsonl``, one per step (the last record of a step wins, so a
     resumed run's repeated steps count once), in step order."""
-    if not (run_dir / "metrics.jsonl").exists():
+    if not runfiles.RunFiles(run_dir).metrics.exists():
         return []
     by_step = {r["step"]: r for r in read_metrics(run_dir) if isinstance(r.get("step"), int)}
     return [by_step[s] for s in sorted(by_step)]
@@ -173,7 +174,7 @@ def _started(run_dir: Path) -> datetime | None:
     starts = audit_records(run_dir, "run_start")
     if starts:
         return datetime.fromtimestamp(starts[0]["time"], timezone.utc)
-    config = run_dir / "config.yaml"
+    config = runfiles.RunFiles(run_dir).config
     return datetime.fromtimestamp(config.stat().st_mtime, timezone.utc) if config.exists() else None
 
 
@@ -359,7 +360,7 @@ def checkpoints_on_disk(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every checkpoint directory of the run with its manifest, by name (``final`` last)."""
     root = run_dir / CHECKPOINTS
     found = [p for p in root.iterdir() if (p / MANIFEST).exists()] if root.is_dir() else []
-    dirs = sorted(found, key=lambda p: (p.name == "final", p.name))
+    dirs = sorted(found, key=lambda p: (p.name == runfiles.FINAL_CHECKPOINT, p.name))
     return [(d, _read_json(d / MANIFEST) or {}) for d in dirs]
 
 
@@ -372,7 +373,7 @@ def _manifest_checkpoints(lineage: Lineage, run_dir: Path) -> None:
             lineage.add(_checkpoint_node(parent["path"], Path(parent["path"]), parent.get("step", 0), None,
                                          Path(parent["path"]).exists()))
             lineage.edges.append((parent["path"], str(d), ""))
-        if d.name != "final":
+        if d.name != runfiles.FINAL_CHECKPOINT:
             by_step[manifest.get("step", 0)] = str(d)
         elif not parent and by_step.get(manifest.get("step", -1)):  # final's manifest names no parent
             lineage.edges.append((by_step[manifest["step"]], str(d), ""))

@@ -140,13 +140,16 @@ class DatasetEntity(Entity):
 
 
 class ByzantineDetectorEntity(Entity):
-    """How Byzantine ranks are detected: aggregation rule, n, f and the flagging threshold."""
+    """How Byzantine ranks are detected: aggregation rule, n, f and the flagging threshold.
 
-    rule: str = Field(min_length=1)
+    Every field comes from the run's config (no defaults here that could drift from it)."""
+
+    rule: str = Field(min_length=1, description="The rule's spec, e.g. 'trimmed_mean(f=1)'.")
     world_size: int = Field(ge=1)
-    num_byzantine: int = Field(0, ge=0)
-    z_threshold: float = Field(3.0, gt=0)
-    quarantine_after: int = Field(3, ge=1, description="Flags before a rank is quarantined.")
+    num_byzantine: int = Field(ge=0)
+    z_threshold: float = Field(gt=0)
+    quarantine_after: int = Field(ge=1, description="Flags within the reputation window before quarantine.")
+    run_id: UUID | None = Field(None, description="lineage_id of the TrainingRunEntity.")
 
     @model_validator(mode="after")
     def _f_bound(self) -> "ByzantineDetectorEntity":

@@ -45,12 +45,13 @@ import torch.distributed as dist
 
 from fedgspo.entities.base import Entity
 from fedgspo.entities.events import AlertRaised, AnyBus, HotSwapApplied, get_event_bus
+from fedgspo import runfiles
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-HOTSWAP_FILENAME = "hotswap.json"
+HOTSWAP_FILENAME = runfiles.HOTSWAP
 
 
 class UnknownCallableError(KeyError):

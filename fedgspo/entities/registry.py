@@ -52,12 +52,13 @@ from fedgspo.entities.conflicts import (
 )
 from fedgspo.entities.base import Entity
 from fedgspo.entities.events import AnyBus
+from fedgspo import runfiles
 
 E = TypeVar("E", bound=Entity)
 
 log = logging.getLogger(__name__)
 
-REGISTRY_FILENAME = "registry.sqlite"
+REGISTRY_FILENAME = runfiles.REGISTRY
 
 # Two b-trees per update (the primary key and the ecs_id index) keep a commit at a few page
 # writes; ``lineages`` is written once per lineage and serves queries by type.

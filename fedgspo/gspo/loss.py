@@ -14,6 +14,7 @@ the reduction TRL calls ``loss_type="grpo"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -114,6 +115,51 @@ def gspo_loss_and_stats(
             kl=kl,
         )
     return loss, stats
+
+
+def backward_in_micro_batches(
+    logps_fn: Callable[[slice], torch.Tensor],
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    micro_batch_size: int,
+    epsilon: float = 3e-4,
+    epsilon_high: float | None = 4e-4,
+    level: Level = "sequence",
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, GSPOStats]:
+    """Forward, GSPO loss and backward over chunks of at most ``micro_batch_size`` rows,
+    accumulating into the parameters' ``.grad``.
+
+    ``logps_fn(rows)`` returns the ``(b, T)`` current-policy log-probs (with gradient) of the
+    rows ``rows`` (a ``slice``) of the batch; the other arguments are the full-batch ones of
+    :func:`gspo_loss`. The loss and every statistic are means over rows of per-row values
+    (GSPO's ratio and clipping are per sequence), so scaling each chunk's loss by its share of
+    the rows makes the accumulated gradient, the returned detached loss and the
+    :class:`GSPOStats` equal to one full-batch :func:`gspo_loss_and_stats` and backward, up to
+    floating-point summation order. Gradients are added to whatever ``.grad`` holds (zero it
+    first). Raises ``ValueError`` for ``micro_batch_size < 1`` and as :func:`gspo_loss`.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    rows_total = old_logps.shape[0]
+    loss_sum, clip_frac, ratio_mean, kl = (old_logps.new_zeros(()) for _ in range(4))
+    for start in range(0, rows_total, micro_batch_size):
+        rows = slice(start, min(start + micro_batch_size, rows_total))
+        loss, stats = gspo_loss_and_stats(
+            logps_fn(rows), old_logps[rows], advantages[rows], mask[rows],
+            epsilon=epsilon, epsilon_high=epsilon_high, level=level,
+            ref_logps=None if ref_logps is None else ref_logps[rows], beta=beta,
+        )
+        share = (rows.stop - rows.start) / rows_total
+        (loss * share).backward()
+        loss_sum += loss.detach() * share
+        clip_frac += stats.clip_frac * share
+        ratio_mean += stats.ratio_mean * share
+        kl += stats.kl * share
+    return loss_sum, GSPOStats(clip_frac=clip_frac, ratio_mean=ratio_mean, kl=kl)
 
 
 def gspo_loss(

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedgspo.checkpoint import write_json_atomic
+from fedgspo.runfiles import write_json_atomic
+from fedgspo import runfiles
 
-AUDIT_FILE = "audit.jsonl"
-HEAD_FILE = "audit.head.json"
+AUDIT_FILE = runfiles.AUDIT
+HEAD_FILE = runfiles.AUDIT_HEAD
 GENESIS = "0" * 64
 
 # Kinds of record; free-form kinds are allowed, these are the ones fedgspo writes.

@@ -39,17 +39,17 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedgspo.integrity.audit import AUTH_FAILURE, OPERATOR_REQUEST, REQUEST_REJECTED, AuditLog, canonical_json
-from fedgspo.checkpoint import write_json_atomic
-from fedgspo.distributed import broadcast_object
+from fedgspo.runfiles import write_json_atomic
+from fedgspo.distributed import all_gather_single, broadcast_object
+from fedgspo import runfiles
 
 KEY_BYTES = 32
 TAG_BYTES = 32
 KEY_FORMAT = 1
-REQUESTS = "requests"
+REQUESTS = runfiles.REQUESTS
 ACTIONS = ("hotswap", "stop", "quarantine")
 _DOMAIN = b"fedgspo-update-v1"
 _FULL, _SHARD = 0, 1
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class AuthError(RuntimeError):
@@ -225,6 +225,31 @@ class UpdateAuthenticator:
                              shard.numel() * shard.element_size(), tensor_digest(shard))
         return hmac.compare_digest(expected, _as_bytes(tag))
 
+    # -- fedgspo.robust.authentication.ExchangeAuthenticator ---------------------------------
+
+    def check(self, rank: int, world_size: int) -> None:
+        """``ValueError`` unless this authenticator is ``rank``'s of ``world_size`` and holds the
+        pair keys to sign for and verify from every other rank."""
+        if self.world_size != world_size or self.rank != rank:
+            raise ValueError(f"authenticator is for rank {self.rank} of {self.world_size}, "
+                             f"but this is rank {rank} of {world_size}")
+        try:
+            for other in range(world_size):
+                if other != rank:
+                    self.keyring.pair(rank, other)
+                    self.keyring.pair(other, rank)
+        except AuthError as err:
+            raise ValueError(str(err)) from None
+
+    def rejected_senders(self, sent: torch.Tensor, received: torch.Tensor, *, step: int, replicated: bool,
+                         group: dist.ProcessGroup | None) -> list[int]:
+        """Senders whose update to this rank fails its tag (collective: one tag all-gather)."""
+        if replicated:
+            tags = exchange_tags(self.sign_full(sent, step), group)
+            return [i for i in range(self.world_size)
+                    if i != self.rank and not self.verify_full(received[i], i, step, tags[i, self.rank])]
+        return verify_shards(self, sent, received, step, group)
+
 
 def _as_bytes(tag: torch.Tensor | bytes) -> bytes:
     return tag if isinstance(tag, bytes) else bytes(tag.contiguous().numpy())
@@ -243,7 +268,7 @@ def exchange_tags(tags: torch.Tensor, group: dist.ProcessGroup | None = None) ->
     nccl = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     out = torch.empty(n * tags.numel(), dtype=torch.uint8, device=device)
-    _all_gather(out, tags.contiguous().view(-1).to(device), group=group)
+    all_gather_single(out, tags.contiguous().view(-1).to(device), group=group)
     return out.view(n, *tags.shape).cpu()
 
 

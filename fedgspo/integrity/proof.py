@@ -46,7 +46,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from fedgspo.checkpoint import all_gather_bytes
+from fedgspo.distributed import all_gather_bytes
+from fedgspo.gspo.rollout import StopCondition, TextDecoder
+from fedgspo.gspo.rollout import decode_hidden  # noqa: F401 - the prover's generation-path states
 
 PROOF_VERSION = 1
 _HEADER = struct.Struct("<BBHHH")  # version, index bytes, topk, chunk_size, chunks
@@ -176,29 +178,35 @@ def decode_proof(proof: bytes, hidden_size: int, cfg: ProofConfig) -> tuple[torc
     return idx.to(torch.int64).view(chunks, k), val.float().view(chunks, k)
 
 
-def _mask_problem(completion_ids: torch.Tensor, mask: torch.Tensor, eos_id: int, pad_id: int) -> str:
-    """Why ``mask`` is not ``1`` up to and including the first EOS (or to the end), else ''."""
+def _mask_problem(completion_ids: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor, pad_id: int) -> str:
+    """Why ``mask`` is not ``1`` up to and including the first token where the completion
+    ended (``ended``: bool per token, EOS or stop string), or to the end, else ''."""
     n = int(mask.sum())
     if not bool((mask[:n] == 1).all()) or bool((mask[n:] != 0).any()):
         return "completion mask is not a prefix mask"
     if bool((completion_ids[n:] != pad_id).any()):
         return "tokens after the completion are not padding"
-    eos = (completion_ids[:n] == eos_id).nonzero()
-    if n and (len(eos) > 1 or (len(eos) == 1 and int(eos[0]) != n - 1)):
-        return "completion continues after EOS"
-    if len(eos) == 0 and n != completion_ids.shape[0]:
+    ends = ended[:n].nonzero()
+    if len(ends) and int(ends[0]) != n - 1:
+        return "completion continues after EOS or a stop string"
+    if len(ends) == 0 and n != completion_ids.shape[0]:
         return "completion ends before EOS and before the length limit"
     return ""
 
 
 def check_proofs(reference: Prefill, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                  claimed_logps: torch.Tensor, proofs: Sequence[bytes], cfg: ProofConfig, *,
-                 eos_id: int, pad_id: int) -> list[ProofCheck]:
+                 eos_id: int | Sequence[int], pad_id: int, stop_strings: Sequence[str] = (),
+                 tokenizer: TextDecoder | None = None) -> list[ProofCheck]:
     """Compare claims with a verifier's :class:`Prefill` of the same rows; one verdict per row.
 
-    Never raises on bad claims: a malformed proof is a failed check with its reason.
+    A completion must end exactly where :func:`fedgspo.gspo.rollout.generate` ends it with the
+    same ``eos_id``, ``stop_strings`` and ``tokenizer``. Never raises on bad claims: a
+    malformed proof is a failed check with its reason (``ValueError`` only for stop strings
+    without a tokenizer).
     """
     mask = completion_mask.float()
+    ended = StopCondition(eos_id, stop_strings, tokenizer).ended_at(completion_ids)
     h = reference.hidden.shape[-1]
     index, states = _chunk_topk(reference.hidden, mask, cfg)
     logp_err = ((claimed_logps.float() - reference.logps) * mask).abs()
@@ -207,7 +215,7 @@ def check_proofs(reference: Prefill, completion_ids: torch.Tensor, completion_ma
     for row, proof in enumerate(proofs):
         n = int(mask[row].sum())
         max_logp = float(logp_err[row].max()) if logp_err.shape[1] else 0.0
-        reason = _mask_problem(completion_ids[row], completion_mask[row], eos_id, pad_id)
+        reason = _mask_problem(completion_ids[row], completion_mask[row], ended[row], pad_id)
         overlap, value_err = 1.0, 0.0
         if not reason:
             try:
@@ -241,32 +249,6 @@ def select_rows(num_rows: int, rate: float, seed: bytes) -> list[int]:
     threshold = rate * 2 ** 64
     return [r for r in range(num_rows)
             if int.from_bytes(hashlib.sha256(seed + r.to_bytes(8, "little")).digest()[:8], "little") < threshold]
-
-
-def decode_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  prompt_length: int) -> torch.Tensor:
-    """``(B, T, H)`` last-layer states at the completion tokens along the KV-cached decoding
-    path (prompt prefill, then one token at a time), as a prover that records during
-    generation would see them. Used to measure the honest noise the tolerances must absorb."""
-    from fedgspo.gspo.rollout import _cache_keyword
-
-    was_training = model.training
-    model.eval()
-    cache_kw = _cache_keyword(type(model))
-    mask = attention_mask[:, :prompt_length]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    states = []
-    with torch.no_grad():
-        out = model(input_ids=input_ids[:, :prompt_length], attention_mask=mask, position_ids=positions,
-                    use_cache=True, logits_to_keep=1)
-        for t in range(prompt_length, input_ids.shape[1]):
-            mask = attention_mask[:, :t + 1]
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=input_ids[:, t:t + 1], attention_mask=mask, position_ids=positions,
-                        use_cache=True, output_hidden_states=True, **{cache_kw: getattr(out, cache_kw)})
-            states.append(out.hidden_states[-1][:, -1].float())
-    model.train(was_training)
-    return torch.stack(states, dim=1)
 
 
 # -- cross-rank verification ---------------------------------------------------------------------
@@ -323,7 +305,9 @@ class CrossVerification:
 
 
 def cross_verify(model: torch.nn.Module, claim: RolloutClaim, *, step: int, cfg: ProofConfig, temperature: float,
-                 eos_id: int, pad_id: int, expected_prompt_ids: Callable[[int], torch.Tensor] | None = None,
+                 eos_id: int | Sequence[int], pad_id: int, stop_strings: Sequence[str] = (),
+                 tokenizer: TextDecoder | None = None,
+                 expected_prompt_ids: Callable[[int], torch.Tensor] | None = None,
                  group: dist.ProcessGroup | None = None) -> CrossVerification:
     """Every rank commits its claim, then rank ``r`` checks sampled rows of rank ``(r+1) % n``.
 
@@ -331,8 +315,9 @@ def cross_verify(model: torch.nn.Module, claim: RolloutClaim, *, step: int, cfg:
     the rollout's). Collective: all ranks call at the same step. Steps: all-gather every
     claim (bytes only); the rows to check are drawn from the hash of all claims (no rank can
     know them before committing); one prefill over the selected rows; an all-gather of the
-    verdicts. ``expected_prompt_ids(rank)`` (optional) returns the ``(B, Lp)`` prompt ids the
-    task gives that rank; claims with other prompts fail.
+    verdicts. ``eos_id``, ``stop_strings`` and ``tokenizer`` are the rollout's (where a
+    completion must end). ``expected_prompt_ids(rank)`` (optional) returns the ``(B, Lp)``
+    prompt ids the task gives that rank; claims with other prompts fail.
 
     Failure behaviour: never raises on a bad claim (an undecodable claim is a failure of its
     sender). The caller must leave ``failed`` ranks out of this step's aggregation, audit a
@@ -361,7 +346,7 @@ def cross_verify(model: torch.nn.Module, claim: RolloutClaim, *, step: int, cfg:
             ref = Prefill(ref.hidden.cpu(), ref.logps.cpu())
             local = check_proofs(ref, theirs.input_ids[sel, theirs.prompt_length:], theirs.completion_mask[sel],
                                  theirs.old_logps[sel], [theirs.proofs[r] for r in rows], cfg,
-                                 eos_id=eos_id, pad_id=pad_id)
+                                 eos_id=eos_id, pad_id=pad_id, stop_strings=stop_strings, tokenizer=tokenizer)
     except ProofError as err:
         local = [ProofCheck(False, str(err), 0.0, math.inf, math.inf)]
     verdict = [target, int(any(not c.ok for c in local)), len(local)]

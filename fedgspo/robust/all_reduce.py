@@ -39,8 +39,9 @@ Call protocol and failure behaviour:
 * Single process (``torch.distributed`` not initialised, or a group of one): the tensor is
   left as is and a trivial report returned.
 
-Authenticated updates: with ``authenticator=`` (a :class:`fedgspo.integrity.auth.UpdateAuthenticator`
-for this rank's group rank) and ``step=``, every message of the data exchange is checked
+Authenticated updates: with ``authenticator=`` (an
+:class:`~fedgspo.robust.authentication.ExchangeAuthenticator` for this rank's group rank, such as
+:class:`fedgspo.integrity.auth.UpdateAuthenticator`) and ``step=``, every message of the data exchange is checked
 against an HMAC tag bound to (run, step, sender, receiver, shard). Right after the
 ``all_to_all`` (sharded, audited) each rank signs the ``n`` shards it sent and verifies the
 shards it received; in replicated mode each rank signs its full update and verifies the
@@ -71,9 +72,10 @@ import torch
 import torch.distributed as dist
 
 from fedgspo.robust.aggregators import Aggregator, build_aggregator
-from fedgspo.integrity.auth import AuthError, UpdateAuthenticator, exchange_tags, verify_shards
+from fedgspo.robust.authentication import ExchangeAuthenticator
 from fedgspo.robust.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
-from fedgspo.robust.shard_exchange import AggregationPlan, all_gather_single, replicated, sharded
+from fedgspo.distributed import all_gather_single
+from fedgspo.robust.shard_exchange import AggregationPlan, replicated, sharded
 
 MODES = ("sharded", "replicated", "audited")
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
@@ -122,40 +124,45 @@ class RobustReport:
     world_size: int = 1
 
 
-_AGGREGATORS: dict[str, Aggregator] = {}
-
-
-def _cached_aggregator(rule: str, f: int, pre: Sequence[str], options: dict[str, float | int]) -> Aggregator:
-    """One instance per configuration, so its call counter (bucketing's shuffles) persists."""
-    key = repr((rule, f, tuple(pre), sorted(options.items())))
-    if key not in _AGGREGATORS:
-        _AGGREGATORS[key] = build_aggregator(rule, f, pre=pre, **options)
-    return _AGGREGATORS[key]
-
-
 def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def resolve_rule(rule: str | Aggregator, f: int | None, pre: Sequence[str] = (),
+                 options: dict[str, float | int] | None = None) -> Aggregator:
+    """``rule`` itself when it is an :class:`Aggregator` (then ``f``, ``pre`` and ``options``
+    must be unset or agree with it), else the rule built by name with ``f`` (default 1).
+    Raises ``ValueError`` on an unknown name, invalid options or a conflicting ``f``."""
+    if not isinstance(rule, Aggregator):
+        return build_aggregator(rule, 1 if f is None else f, pre=pre, **(options or {}))
+    if pre or options:
+        raise ValueError("pass pre-aggregation and rule options to build_aggregator, not with an Aggregator")
+    if f is not None and f != rule.f:
+        raise ValueError(f"f={f} conflicts with the aggregator's f={rule.f}")
+    return rule
+
+
 def _local_plan(
     tensor: torch.Tensor,
-    rule: str,
-    f: int,
+    rule: str | Aggregator,
+    f: int | None,
     n: int,
     mode: str,
     exclude: Sequence[int],
     weights: Sequence[float] | None,
     pre: Sequence[str],
     options: dict[str, float | int],
-    auth: UpdateAuthenticator | None = None,
+    auth: ExchangeAuthenticator | None = None,
     step: int | None = None,
     rank: int = 0,
 ) -> tuple[Aggregator | None, torch.Tensor, str]:
-    """Build the rule and this rank's metadata row; returns (rule, weights, local error)."""
+    """Resolve the rule and check this rank's arguments; returns (rule, weights, local error)."""
     w = torch.ones(n, dtype=torch.float64)
     try:
         if auth is not None:
-            _check_authenticator(auth, step, n, rank)
+            if step is None or isinstance(step, bool) or not isinstance(step, int):
+                raise ValueError(f"an authenticator needs an integer step, got {step!r}")
+            auth.check(rank, n)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
         if tensor.dtype not in _DTYPE_CODES:
@@ -166,26 +173,9 @@ def _local_plan(
             w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
             if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
                 raise ValueError(f"weights must be {n} finite non-negative numbers, got {list(weights)}")
-        return _cached_aggregator(rule, f, pre, options), w, ""
+        return resolve_rule(rule, f, pre, options), w, ""
     except ValueError as err:
         return None, w, str(err)
-
-
-def _check_authenticator(auth: UpdateAuthenticator, step: int | None, n: int, rank: int) -> None:
-    """``ValueError`` unless ``auth`` can sign and verify every message of this call."""
-    if step is None or isinstance(step, bool) or not isinstance(step, int):
-        raise ValueError(f"an authenticator needs an integer step, got {step!r}")
-    if auth.world_size != n or auth.rank != rank:
-        raise ValueError(
-            f"authenticator is for rank {auth.rank} of {auth.world_size}, but this is rank {rank} of {n}"
-        )
-    try:
-        for other in range(n):
-            if other != rank:
-                auth.keyring.pair(rank, other)
-                auth.keyring.pair(other, rank)
-    except AuthError as err:
-        raise ValueError(str(err)) from None
 
 
 def _agree(
@@ -229,26 +219,18 @@ def _agree(
     return agg, meta
 
 
-def _tolerates(agg: Aggregator, rows: int) -> bool:
-    try:
-        agg.check(rows)
-    except ValueError:
-        return False
-    return True
-
-
 def _judge(
-    plan: AggregationPlan, sums: torch.Tensor, keep: list[int], z_threshold: float, exclude_flagged: bool, mode: str
+    plan: AggregationPlan, sums: torch.Tensor, *, z_threshold: float, exclude_flagged: bool, mode: str
 ) -> tuple[RobustReport, list[int]]:
     """Flags, exclusions and the consensus decision from the global per-rank sums."""
-    n = plan.n
+    n, keep = plan.n, plan.keep
     stats = statistics_from_sums(sums[:n], sums[n : 2 * n], float(sums[2 * n]))
     det = detect(stats, z_threshold)
     flagged = sorted(set(det.flagged) | set(plan.nonfinite) | set(plan.auth_failed))
     reason = ""
     if exclude_flagged and set(flagged) & set(keep):
         keep = [r for r in keep if r not in flagged]
-        if not _tolerates(plan.agg, len(keep)):
+        if not plan.tolerated(len(keep)):
             reason = f"after excluding flagged ranks {flagged}, {len(keep)} ranks are too few for {plan.agg.spec()}"
     suspicious = [r for r in flagged if r in keep]
     if not reason and len(suspicious) > plan.agg.f:
@@ -301,38 +283,18 @@ def _failed_report(plan: AggregationPlan, mode: str, reason: str) -> RobustRepor
     )
 
 
-def _authenticate(
-    plan: AggregationPlan, auth: UpdateAuthenticator, step: int, group: dist.ProcessGroup | None, mode: str
-):
-    """The ``verify`` hook of :mod:`fedgspo.robust.shard_exchange`: check the tags of what this rank
-    received, agree on the failed senders (``all_reduce(MAX)`` of an ``n`` mask) and drop them
-    from ``plan.keep``; a failed report if too few ranks remain."""
+def _authenticate(auth: ExchangeAuthenticator, step: int, group: dist.ProcessGroup | None, n: int, mode: str):
+    """The ``verify`` hook of :mod:`fedgspo.robust.shard_exchange`: ask the authenticator which
+    senders this rank rejects, then agree on the union over ranks (``all_reduce(MAX)`` of an
+    ``n`` mask), so every rank drops the same senders."""
 
-    def verify(sent: torch.Tensor, received: torch.Tensor) -> RobustReport | None:
-        if mode == "replicated":
-            # Sign the update this rank sent (not its row as gathered back), then check the others.
-            tags = exchange_tags(auth.sign_full(sent, step), group)
-            local = [i for i in range(plan.n)
-                     if i != auth.rank and not auth.verify_full(received[i], i, step, tags[i, auth.rank])]
-        else:
-            local = verify_shards(auth, sent, received, step, group)
-        mask = torch.zeros(plan.n, dtype=torch.float64, device=received.device)
+    def verify(sent: torch.Tensor, received: torch.Tensor) -> list[int]:
+        local = auth.rejected_senders(sent, received, step=step, replicated=mode == "replicated", group=group)
+        mask = torch.zeros(n, dtype=torch.float64, device=received.device)
         if local:
             mask[torch.tensor(local, device=received.device)] = 1.0
         dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
-        failed = [r for r, v in enumerate(mask.cpu().tolist()) if v > 0]
-        if not failed:
-            return None
-        plan.auth_failed = failed
-        plan.keep = [r for r in plan.keep if r not in failed]
-        if _tolerates(plan.agg, len(plan.keep)):
-            return None
-        return _failed_report(
-            plan,
-            mode,
-            f"after excluding ranks {failed} whose updates failed authentication, "
-            f"{len(plan.keep)} usable ranks are too few for {plan.agg.spec()}",
-        )
+        return [r for r, v in enumerate(mask.cpu().tolist()) if v > 0]
 
     return verify
 
@@ -347,8 +309,8 @@ def _audit_failure(report: RobustReport, mismatches: list[int]) -> RobustReport:
 
 def robust_all_reduce(
     tensor: torch.Tensor,
-    rule: str = "trimmed_mean",
-    f: int = 1,
+    rule: str | Aggregator = "trimmed_mean",
+    f: int | None = None,
     group: dist.ProcessGroup | None = None,
     *,
     mode: str = "sharded",
@@ -357,7 +319,7 @@ def robust_all_reduce(
     weights: Sequence[float] | None = None,
     exclude_flagged: bool = False,
     pre: Sequence[str] = (),
-    authenticator: UpdateAuthenticator | None = None,
+    authenticator: ExchangeAuthenticator | None = None,
     step: int | None = None,
     **rule_options: float | int,
 ) -> RobustReport:
@@ -365,8 +327,11 @@ def robust_all_reduce(
 
     Args:
         tensor: this rank's update (any shape, floating dtype); overwritten with the result.
-        rule: a name from :data:`fedgspo.robust.aggregators.RULES`.
-        f: Byzantine ranks to tolerate; the rule's bound is checked against the world size.
+        rule: an :class:`~fedgspo.robust.aggregators.Aggregator` (keeps its state, e.g.
+            bucketing's shuffle round, across calls: build it once and reuse it), or a name
+            from :data:`fedgspo.robust.aggregators.RULES` (a fresh rule each call).
+        f: Byzantine ranks to tolerate with a rule name (default 1); with an Aggregator,
+            unset or equal to its ``f``. The rule's bound is checked against the world size.
         group: process group (default: the world).
         mode: ``"sharded"``, ``"replicated"`` or ``"audited"`` (module docstring).
         z_threshold: robust z-score threshold for flagging (:mod:`fedgspo.robust.detection`).
@@ -374,10 +339,11 @@ def robust_all_reduce(
         weights: per-rank non-negative weights; 0 excludes a rank; rules with a weighted
             form (mean, geometric median, centered clipping) use the values.
         exclude_flagged: re-aggregate without the ranks flagged in this call.
-        pre: pre-aggregation steps (``"nnm"``, ``"bucketing"``).
-        authenticator: this rank's :class:`fedgspo.integrity.auth.UpdateAuthenticator` (its ``rank``
-            is the rank in ``group``); authenticates every exchanged update (module
-            docstring). None (default): no authentication, no extra cost.
+        pre: pre-aggregation steps (``"nnm"``, ``"bucketing"``) with a rule name.
+        authenticator: this rank's
+            :class:`~fedgspo.robust.authentication.ExchangeAuthenticator` (for its rank in
+            ``group``); authenticates every exchanged update (module docstring). None
+            (default): no authentication, no extra cost.
         step: the training step the tags are bound to (required with ``authenticator``;
             the same on every rank); a tag made for another step does not verify.
         rule_options: the rule's (and bucketing's) further arguments.
@@ -389,33 +355,40 @@ def robust_all_reduce(
         ValueError: on every rank, for invalid or inconsistent arguments (tensor unchanged).
     """
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return RobustReport([0.0], [0.0], [], cosines=[1.0], norms=[float(tensor.norm())], weights=[1.0], rule=rule)
+        spec = rule.spec() if isinstance(rule, Aggregator) else rule
+        return RobustReport([0.0], [0.0], [], cosines=[1.0], norms=[float(tensor.norm())], weights=[1.0], rule=spec)
     n = dist.get_world_size(group)
     options = dict(rule_options)
-    config_text = repr(
-        (rule, mode, sorted(options.items()), list(pre), sorted(exclude), weights, z_threshold, exclude_flagged)
-    )
-    if authenticator is not None:
-        config_text += repr(("auth", step))
     agg, w, error = _local_plan(
         tensor, rule, f, n, mode, exclude, weights, pre, options, authenticator, step, dist.get_rank(group)
     )
+    config_text = repr(
+        (agg.spec() if agg else rule, mode, sorted(agg.options().items()) if agg else options, sorted(exclude),
+         weights, z_threshold, exclude_flagged)
+    )
+    if authenticator is not None:
+        config_text += repr(("auth", step))
     with torch.no_grad():
-        agg, meta = _agree(tensor, f, agg, error, config_text, group)
+        agg, meta = _agree(tensor, agg.f if agg else -1, agg, error, config_text, group)
         nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, _SQ_NORM])]
         keep = [r for r in range(n) if r not in set(exclude) and w[r] > 0 and r not in nonfinite]
         plan = AggregationPlan(agg, n, keep, w, nonfinite, agg.next_round())
         flat = tensor.reshape(-1)
-        judge = functools.partial(_judge, plan, z_threshold=z_threshold, exclude_flagged=exclude_flagged, mode=mode)
-        verify = None if authenticator is None else _authenticate(plan, authenticator, step, group, mode)
-        if not _tolerates(agg, len(keep)):
+        judge = functools.partial(_judge, z_threshold=z_threshold, exclude_flagged=exclude_flagged, mode=mode)
+        verify = None if authenticator is None else _authenticate(authenticator, step, group, n, mode)
+        if not plan.tolerated():
             report, result = _failed_report(plan, mode, f"{len(keep)} usable ranks are too few for {agg.spec()}"), None
         else:
             if mode == "replicated":
-                report, result, mismatches = replicated(plan, flat, group, judge, verify)
+                report, result, mismatches, plan = replicated(plan, flat, group, judge, verify)
             else:
-                report, result, mismatches = sharded(plan, flat, group, judge, audited=mode == "audited", verify=verify)
-            if mismatches:
+                report, result, mismatches, plan = sharded(plan, flat, group, judge, audited=mode == "audited",
+                                                           verify=verify)
+            if report is None:
+                report = _failed_report(
+                    plan, mode, f"after excluding ranks {plan.auth_failed} whose updates failed authentication, "
+                    f"{len(plan.keep)} usable ranks are too few for {agg.spec()}")
+            elif mismatches:
                 report = _audit_failure(report, mismatches)
         if result is None:
             tensor.zero_()

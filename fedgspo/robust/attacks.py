@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedgspo.robust.shard_exchange import all_gather_single
+from fedgspo.distributed import all_gather_single
 
 
 class AttackConfig(BaseModel):

@@ -1,7 +1,10 @@
 """Configuration of the robust gradient aggregation (the ``aggregation`` section of a run).
 
-:meth:`AggregationConfig.all_reduce_kwargs` turns the model into the keyword arguments of
-:func:`fedgspo.robust_all_reduce`, so the training loop never spells them out.
+The one place where the rule travels from a name to an object: :meth:`AggregationConfig.build`
+makes the :class:`~fedgspo.robust.aggregators.Aggregator` for a world size (resolving
+``f="auto"`` with :func:`tolerated_f`), and :meth:`AggregationConfig.all_reduce_kwargs` the
+remaining keyword arguments of :func:`fedgspo.robust_all_reduce`, so the training loop never
+spells them out.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedgspo.robust.aggregators import build_aggregator
+from fedgspo.robust.aggregators import Aggregator, build_aggregator
 from fedgspo.robust.detection import DEFAULT_THRESHOLD
 from fedgspo.robust.reputation import ReputationConfig
 
@@ -46,19 +49,38 @@ class AggregationConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rule_builds(self) -> "AggregationConfig":
-        build_aggregator(self.rule, 0 if self.f == "auto" else self.f, pre=self.pre, bucket_size=self.bucket_size, **self.options)
+        self._make(self.rule, 0 if self.f == "auto" else self.f)
         return self
 
+    def _make(self, rule: str, f: int) -> Aggregator:
+        return build_aggregator(rule, f, pre=self.pre, bucket_size=self.bucket_size, **self.options)
+
+    def build(self, world_size: int, rule: str | None = None) -> Aggregator:
+        """The rule object for ``world_size`` ranks (``rule`` overrides the configured name, as
+        a hot swap does), with ``f`` resolved by :func:`tolerated_f`. Build it once per run
+        (and per swap): it keeps state across calls. Raises ``ValueError`` for bad options."""
+        name = rule or self.rule
+        return self._make(name, tolerated_f(name, self.f, world_size, pre=self.pre))
+
     def all_reduce_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`fedgspo.robust_all_reduce` (add ``weights=`` per step)."""
-        extra: dict[str, Any] = {"bucket_size": self.bucket_size} if "bucketing" in self.pre else {}
+        """Keyword arguments for :func:`fedgspo.robust_all_reduce` besides the rule (add
+        ``weights=`` per step)."""
         return {
-            "rule": self.rule,
-            "f": self.f,
             "mode": self.mode,
             "z_threshold": self.z_threshold,
             "exclude_flagged": self.exclude_flagged,
-            "pre": tuple(self.pre),
-            **extra,
-            **self.options,
         }
+
+
+def tolerated_f(rule: str, f: int | str, world_size: int, pre: list[str] | tuple[str, ...] = ()) -> int:
+    """``f`` itself, or for ``"auto"`` the largest f that ``rule`` (behind ``pre``) tolerates
+    among ``world_size`` ranks (0 when none is tolerated: then the rule cannot protect the run)."""
+    if f != "auto":
+        return int(f)
+    for candidate in range((world_size - 1) // 2, 0, -1):
+        try:
+            build_aggregator(rule, candidate, pre=pre).check(world_size)
+            return candidate
+        except ValueError:
+            continue
+    return 0

@@ -64,7 +64,7 @@ DEFAULT_THRESHOLD = 3.5
 LOG_FLOOR = 0.85
 #: MAD floor of cosines.
 COSINE_FLOOR = 0.3
-#: Cosines below this are flagged whatever the others (honest minimum measured: -0.66).
+#: Cosines below this are flagged whatever the others (calibration: benchmarks/detection_calibration.py).
 COSINE_BOUND = -0.8
 
 

@@ -4,8 +4,9 @@ Coordinate-wise robust rules (median, trimmed mean) need, for every column of an
 stack with small ``n`` and huge ``d``, the mean of the order statistics of rank
 ``lo .. hi-1``. ``torch.sort``/``torch.median`` along dim 0 are slow for that shape (they
 sort each short column separately); a fixed comparator network of ``torch.minimum`` /
-``torch.maximum`` over whole rows is 2-3x faster eagerly, and under ``torch.compile``
-(inductor fuses the network into a single loop) it runs as fast as ``stack.sum(0)``.
+``torch.maximum`` over whole rows is faster eagerly, and under ``torch.compile`` (inductor
+fuses the network into a single loop) it runs at the speed of ``stack.sum(0)``
+(benchmarks/README.md, "Order statistics").
 
 The network is Batcher's odd-even merge sort, truncated to ``n`` inputs (comparators that
 touch a padding position are no-ops, padding being +inf) and pruned backwards to the
@@ -29,9 +30,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Shards narrower than this run eagerly. The first compilation costs ~3 s; at 2.5M columns it
-#: saves ~12 ms per call (4 rows: 15 ms eager, 3.6 ms compiled), at 250k columns only 0.6 ms,
-#: which a run of a few thousand steps never earns back.
+#: Shards narrower than this run eagerly: below it, the seconds of the first compilation are not
+#: earned back by a run of a few thousand steps (benchmarks/README.md, "Order statistics").
 COMPILE_MIN_COLUMNS = 1 << 20
 
 

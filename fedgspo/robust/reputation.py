@@ -101,9 +101,9 @@ class ReputationTracker:
                                    cosine_floor=p.cosine_floor, log_floor=p.log_floor)
 
     def update(self, report: RobustReport, phase: int = 0) -> list[int]:
-        """Fold one report in; returns the ranks flagged by the across-step test (sorted),
-        which count as flagged in this step like the report's own. Raises ``ValueError`` if
-        the report names a rank outside the world.
+        """Fold one report in; returns the ranks flagged in this step (sorted): the report's
+        own flags plus those of the across-step test, which count alike. Raises
+        ``ValueError`` if the report names a rank outside the world.
 
         ``phase`` says which update of a rollout this is (``step % num_iterations``): a
         rollout's first update (ratio 1) and its later ones (mostly clipped) have different
@@ -114,15 +114,13 @@ class ReputationTracker:
         flagged = set(report.flagged)
         if any(not 0 <= r < len(self.ranks) for r in flagged):
             raise ValueError(f"report flags {sorted(flagged)} outside 0..{len(self.ranks) - 1}")
-        persistent: list[int] = []
         if self.config.persistence.enabled and len(report.cosines) == len(self.ranks) == len(report.norms):
             # With one phase per rollout, the per-phase test would repeat the all-steps one.
             for key in (ALL_PHASES,) if self.phases == 1 else (ALL_PHASES, phase % self.phases):
                 if key not in self.persistence:
                     self.persistence[key] = self._detector()
                 self._persistent_flags[key] = self.persistence[key].update(report.cosines, report.norms)
-            persistent = sorted(set().union(*self._persistent_flags.values()))
-            flagged |= set(persistent)
+            flagged |= set().union(*self._persistent_flags.values())
         cfg = self.config
         for rep in self.ranks:
             bad = rep.rank in flagged
@@ -137,7 +135,7 @@ class ReputationTracker:
             elif not rep.quarantined and sum(rep.recent) >= cfg.quarantine_after:
                 rep.quarantined = True
                 rep.quarantines += 1
-        return persistent
+        return sorted(flagged)
 
     def quarantined(self) -> list[int]:
         """Ranks currently quarantined (pass as ``exclude=`` to the robust all-reduce)."""

@@ -18,9 +18,10 @@ whose shard failed its audit (always empty unless audited; non-empty means no re
 Both take an optional ``verify`` hook, called right after the data exchange and before any
 aggregation with what this rank sent and received (sharded: the ``(n, s)`` or ``(n, 2, s)``
 send and receive buffers; replicated: this rank's flat update and the ``(n, d)`` stack). It
-is collective, may narrow ``plan.keep`` (identically on every rank) and returns a verdict to
-stop with (consensus failure, no result) or None to go on. :mod:`fedgspo.robust.all_reduce` uses it
-for authenticated updates.
+is collective and returns the senders to reject, identical on every rank; the exchange goes on
+with a plan without them (:meth:`AggregationPlan.without`), or stops with no verdict when the
+rule cannot tolerate the ranks left. Both return the plan they finished with.
+:mod:`fedgspo.robust.all_reduce` uses the hook for authenticated updates.
 
 Buffers for the exchanges are cached per shape (a few entries), so a steady training loop
 allocates nothing large per call. Failure behaviour: collectives raise whatever the backend
@@ -32,16 +33,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from fedgspo.distributed import all_gather_single
 from fedgspo.robust.aggregators import Aggregator, ShardContext
 
-#: ``dist.all_gather_into_tensor`` under its torch >= 2.13 name ``all_gather_single`` when present.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -52,8 +53,7 @@ class AggregationPlan:
         agg: the rule. n: world size. keep: ranks aggregated (sorted).
         weights: float64 ``(n,)`` weights. nonfinite: ranks with NaN/Inf updates.
         round: call counter of ``agg`` (same on every rank).
-        auth_failed: senders whose update failed authentication (set by a ``verify`` hook;
-            left out of ``keep``).
+        auth_failed: senders whose update failed authentication (left out of ``keep``).
     """
 
     agg: Aggregator
@@ -64,17 +64,32 @@ class AggregationPlan:
     round: int
     auth_failed: list[int] = field(default_factory=list)
 
+    def tolerated(self, rows: int | None = None) -> bool:
+        """Whether the rule can aggregate ``rows`` ranks (default: the ranks kept)."""
+        try:
+            self.agg.check(len(self.keep) if rows is None else rows)
+        except ValueError:
+            return False
+        return True
+
+    def without(self, rejected: list[int]) -> "AggregationPlan":
+        """A copy that leaves the ``rejected`` senders out of ``keep`` and lists them in ``auth_failed``."""
+        return dataclasses.replace(self, keep=[r for r in self.keep if r not in rejected], auth_failed=list(rejected))
+
 
 class Verdict(Protocol):
     consensus_failed: bool
 
 
 V = TypeVar("V", bound=Verdict)
-#: ``judge(global_sums, keep) -> (verdict, keep_after)``; a different ``keep_after`` asks for
-#: re-aggregation without the dropped ranks.
-Judge = Callable[[torch.Tensor, list[int]], tuple[V, list[int]]]
-#: ``verify(sent, received) -> verdict | None`` (collective; see the module docstring).
-Verify = Callable[[torch.Tensor, torch.Tensor], V | None]
+#: ``judge(plan, global_sums) -> (verdict, keep_after)``; a ``keep_after`` other than
+#: ``plan.keep`` asks for re-aggregation without the dropped ranks.
+Judge = Callable[["AggregationPlan", torch.Tensor], tuple[V, list[int]]]
+#: ``verify(sent, received) -> rejected senders`` (collective; see the module docstring).
+Verify = Callable[[torch.Tensor, torch.Tensor], list[int]]
+#: What an exchange returns: the verdict (None: too few ranks left after ``verify``), the result
+#: (None unless usable), the ranks whose shard failed its audit, and the plan it finished with.
+Exchanged = tuple[V | None, torch.Tensor | None, list[int], AggregationPlan]
 
 
 def aggregate_rows(plan: AggregationPlan, stack: torch.Tensor, keep: list[int], ctx: ShardContext) -> torch.Tensor:
@@ -161,34 +176,36 @@ def sharded(
     group: dist.ProcessGroup | None,
     judge: Judge[V],
     audited: bool,
-    verify: Verify[V] | None = None,
-) -> tuple[V, torch.Tensor | None, list[int]]:
+    verify: Verify | None = None,
+) -> Exchanged[V]:
     """Sharded (optionally audited) exchange; writes the result into ``flat`` and returns it."""
     n, d = plan.n, flat.numel()
     s = -(-d // n)
     send = _send_layout(flat, n, s, audited)
     recv = _buffer("recv", send.numel(), flat.dtype, flat.device).view(send.shape)
     dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
-    if verify is not None and (stop := verify(send, recv)) is not None:
-        return stop, None, []
+    if verify is not None and (rejected := verify(send, recv)):
+        plan = plan.without(rejected)
+        if not plan.tolerated():
+            return None, None, [], plan
     stacks = [recv[:, 0], recv[:, 1]] if audited else [recv]
     ctx = ShardContext(all_reduce_sum(group, flat.device), plan.round)
     shards = [aggregate_rows(plan, st, plan.keep, ctx) for st in stacks]
     gathered, sums = _gather_with_stats(shards[0], partial_stats(stacks[0], shards[0]), group, n)
-    verdict, keep = judge(sums, plan.keep)
+    verdict, keep = judge(plan, sums)
     if verdict.consensus_failed:
-        return verdict, None, []
+        return verdict, None, [], plan
     if keep != plan.keep:
         shards = [aggregate_rows(plan, st, keep, ctx) for st in stacks]
         gathered, _ = _gather_with_stats(shards[0], partial_stats(stacks[0], shards[0]), group, n)
     mismatches = audit_mismatches(gathered, shards[1], ctx, group) if audited else []
     if mismatches:
-        return verdict, None, mismatches
+        return verdict, None, mismatches, plan
     if d == n * s:
         flat.view(n, s).copy_(gathered)
     else:
         flat.copy_(gathered.reshape(-1)[:d])
-    return verdict, flat, []
+    return verdict, flat, [], plan
 
 
 def audit_mismatches(
@@ -211,20 +228,22 @@ def replicated(
     flat: torch.Tensor,
     group: dist.ProcessGroup | None,
     judge: Judge[V],
-    verify: Verify[V] | None = None,
-) -> tuple[V, torch.Tensor | None, list[int]]:
+    verify: Verify | None = None,
+) -> Exchanged[V]:
     """Replicated exchange: every rank gathers every update and aggregates all columns."""
     n = plan.n
     gathered = _buffer("replicated", n * flat.numel(), flat.dtype, flat.device)
     all_gather_single(gathered, flat.contiguous(), group=group)
     stack = gathered.view(n, -1)
-    if verify is not None and (stop := verify(flat, stack)) is not None:
-        return stop, None, []
+    if verify is not None and (rejected := verify(flat, stack)):
+        plan = plan.without(rejected)
+        if not plan.tolerated():
+            return None, None, [], plan
     ctx = ShardContext(round=plan.round)
     agg = aggregate_rows(plan, stack, plan.keep, ctx)
-    verdict, keep = judge(partial_stats(stack, agg).cpu(), plan.keep)
+    verdict, keep = judge(plan, partial_stats(stack, agg).cpu())
     if verdict.consensus_failed:
-        return verdict, None, []
+        return verdict, None, [], plan
     if keep != plan.keep:
         agg = aggregate_rows(plan, stack, keep, ctx)
-    return verdict, agg, []
+    return verdict, agg, [], plan

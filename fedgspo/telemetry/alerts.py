@@ -39,10 +39,11 @@ from tqdm import tqdm
 
 from fedgspo.entities.events import AlertRaised, AnyBus
 from fedgspo.telemetry.metrics import PER_RANK_PREFIX
+from fedgspo import runfiles
 
 Condition = Literal["above", "below", "drop", "ratio", "increase"]
 Severity = Literal["info", "warning", "error", "critical"]
-ALERTS_FILENAME = "alerts.jsonl"
+ALERTS_FILENAME = runfiles.ALERTS
 
 
 class AlertRule(BaseModel):

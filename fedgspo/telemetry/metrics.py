@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fedgspo import runfiles
 
 PER_RANK_PREFIX = "rank_"
 
@@ -136,11 +137,11 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, cfg: MetricsConfig | None = None) -> None:
         cfg = cfg or MetricsConfig()
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = runfiles.RunFiles(run_dir).metrics
         # The endpoint first: a port that cannot be bound leaves nothing open behind it.
         self.prometheus = (PrometheusExporter(cfg.prometheus_port, cfg.prometheus_addr)
                            if cfg.prometheus_port is not None else None)
-        self._tb = TensorBoardScalars(Path(run_dir) / "tensorboard") if tensorboard else None
+        self._tb = TensorBoardScalars(runfiles.RunFiles(run_dir).tensorboard) if tensorboard else None
         self._file = self.path.open("a", buffering=1)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -162,7 +163,7 @@ class MetricsLogger:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All records of ``<run_dir>/metrics.jsonl`` in order (a torn last line is skipped)."""
     records = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    for line in (runfiles.RunFiles(run_dir).metrics).read_text().splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, ContextManager, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fedgspo import runfiles
 
-TRACES_FILENAME = "traces.jsonl"
+TRACES_FILENAME = runfiles.TRACES
 _OFF: ContextManager[None] = contextlib.nullcontext()
 
 
