@@ -72,7 +72,9 @@ class KVDecoder:
     def __init__(self, model: "PreTrainedModel", prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                  *, repeats: int = 1) -> None:
         self.model = model
-        self.cache_kw = _cache_keyword(type(model))
+        # A peft wrapper forwards **kwargs: ask the transformers model underneath.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.cache_kw = _cache_keyword(type(base))
         positions = _positions(prompt_mask)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
