@@ -1,22 +1,41 @@
 """fedgspo: Byzantine-robust distributed GSPO training on torch.distributed.
 
 Public entry points:
-    gspo_loss, group_advantages   the GSPO objective (fedgspo.gspo.loss)
-    robust_all_reduce             drop-in robust replacement for dist.all_reduce (fedgspo.robust.all_reduce)
-    build_aggregator, RULES       aggregation rules by name (fedgspo.robust.aggregators)
-    robust_hook, RobustHookState  DDP communication hook (fedgspo.robust.ddp_hook)
-    ReputationTracker             per-rank trust and quarantine (fedgspo.robust.reputation)
-    AttackConfig, apply_attack    Byzantine attack simulator (fedgspo.robust.attacks)
-    AggregationConfig             the aggregation section of a run (fedgspo.robust.config)
+    gspo_loss, group_advantages   the GSPO objective (fedgspo.gspo)
+    robust_all_reduce             drop-in robust replacement for dist.all_reduce (fedgspo.robust)
+    Aggregator, TrimmedMean, ...  the rules as objects; build_aggregator, RULES by name
+    robust_hook, RobustHookState  DDP communication hook
+    ReputationTracker             per-rank trust and quarantine
+    AttackConfig, apply_attack    Byzantine attack simulator
+    AggregationConfig             the aggregation section of a run
+
+Importing fedgspo loads the robust library and the GSPO loss only (torch, pydantic); the
+trainer (``python -m fedgspo.train``) and the ``fedgspo`` command load the rest.
 """
 
-from fedgspo.robust.config import AggregationConfig
-from fedgspo.robust.aggregators import RULES, build_aggregator
-from fedgspo.robust.attacks import AttackConfig, apply_attack, poison_rewards
-from fedgspo.robust.ddp_hook import RobustHookState, robust_hook
 from fedgspo.gspo.loss import group_advantages, gspo_loss
-from fedgspo.robust.reputation import ReputationConfig, ReputationTracker
-from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
+from fedgspo.robust import (
+    RULES,
+    Aggregator,
+    Bucketing,
+    CenteredClipping,
+    CoordinateMedian,
+    GeometricMedian,
+    Krum,
+    Mean,
+    MultiKrum,
+    NearestNeighborMixing,
+    ReputationConfig,
+    ReputationTracker,
+    RobustHookState,
+    RobustReport,
+    TrimmedMean,
+    build_aggregator,
+    robust_all_reduce,
+    robust_hook,
+)
+from fedgspo.robust.attacks import AttackConfig, apply_attack, poison_rewards
+from fedgspo.robust.config import AggregationConfig
 
 __version__ = "0.1.0"
 
@@ -25,6 +44,16 @@ __all__ = [
     "group_advantages",
     "robust_all_reduce",
     "RobustReport",
+    "Aggregator",
+    "Mean",
+    "CoordinateMedian",
+    "TrimmedMean",
+    "Krum",
+    "MultiKrum",
+    "GeometricMedian",
+    "CenteredClipping",
+    "NearestNeighborMixing",
+    "Bucketing",
     "build_aggregator",
     "RULES",
     "robust_hook",

@@ -163,8 +163,6 @@ class Trainer:
         self.proof_failed: list[int] = []  # ranks whose rollout proofs failed for the current batch
         self.stop_requested = False
         self.faults = FaultInjector(ctx.rank)
-        self.recorder.say(f"policy: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                          f"{trainable_numel(self.model):,} trained and exchanged per step")
         if ctx.world_size > 1 and self.aggregator.f == 0 and agg.rule != "mean":
             self.recorder.say(f"note: {ctx.world_size} ranks leave {agg.rule} no Byzantine tolerance "
                               f"(f=0); use 3+ ranks for f=1")
@@ -483,6 +481,8 @@ class Trainer:
 
     def start(self, first_step: int) -> None:
         """Rank 0 writes the resolved config, audits the start and registers the run."""
+        self.recorder.say(f"policy: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                          f"{trainable_numel(self.model):,} trained and exchanged per step")
         parent = self.checkpoints.parent
         hf = self.model.config
         self.recorder.start(

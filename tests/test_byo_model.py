@@ -61,11 +61,12 @@ def launch(root: Path, args: list[str], *, nproc: int = 2, env: dict[str, str] |
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The error line every rank printed; each rank exited 2 (torchrun reports the workers'
-    exit codes, then fails with its own)."""
+    """The error line the ranks printed (the same on each), having exited 2. torchrun reports
+    the first worker's exit code, ends the others (which may not have printed yet) and fails
+    with its own code."""
     lines = [line for line in proc.stderr.splitlines() if line.startswith("fedgspo.train: error: ")]
     assert proc.returncode != 0 and "exitcode: 2" in proc.stderr, proc.stderr[-2000:]
-    assert len(lines) == 2 and len(set(lines)) == 1, proc.stderr[-2000:]
+    assert lines and len(set(lines)) == 1, proc.stderr[-2000:]
     return lines[0]
 
 
@@ -199,3 +200,20 @@ def test_micro_batches_train_like_one_batch(tmp_path: Path) -> None:
         assert main([f"run.dir={run}", "train.max_steps=2", "gspo.num_iterations=1", *FAST, *extra]) == 0
         hashes.append([r["loss"] for r in read_metrics(run)])
     assert hashes[0] == pytest.approx(hashes[1], abs=1e-6)
+
+
+def test_math_recipe_runs_as_written_with_a_local_model_and_data(tmp_path: Path) -> None:
+    """configs/math_lora.yaml with only model.path and task.dataset changed (and a short run)."""
+    from fedgspo.train import main
+
+    H.make_model_dir(tmp_path / "model")
+    H.write_jsonl(tmp_path / "gsm.jsonl", [{**r, "answer": f"so #### {r['answer']}"} for r in H.arithmetic_rows(16)])
+    config = Path(__file__).resolve().parents[1] / "configs" / "math_lora.yaml"
+    assert main(["--config", str(config), f"run.dir={tmp_path / 'run'}", f"model.path={tmp_path / 'model'}",
+                 f"task.dataset={tmp_path / 'gsm.jsonl'}", "train.max_steps=2", "gspo.max_completion_length=8",
+                 "eval.every=2", "eval.num_prompts=2", "run.progress_bar=false"]) == 0
+    records = read_metrics(tmp_path / "run")
+    assert {"reward/math_answer", "reward/format_reward", "eval/reward_mean"} <= set(records[-1])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "final")  # merged LoRA
