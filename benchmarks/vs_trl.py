@@ -27,11 +27,23 @@ range — and compares TRL's ``GRPOTrainer._compute_loss`` with :func:`fedgspo.g
 on fedgspo's log-probs: loss values, log-probs and gradients, on equal-length prompts (no
 padding) and on a left-padded batch.
 
+``--parity`` compares learning instead of speed: both sides train the same local transformers
+model directory (a word-level tokenizer with a chat template and a ~133k-parameter Llama,
+written once into a temporary folder by ``tests/hf_fixtures.py``) on the same local JSONL file
+(chat prompts "what is a + b", an ``answer`` column) with the same reward function given by
+import path (``parity_reward:answer_words``: fedgspo through ``task.reward_funcs`` with this
+folder on ``PYTHONPATH``, TRL as the imported function object), for ``--parity-steps``
+optimizer steps (600) and each of ``--seeds`` (0 1 2), everything else as above. It reports
+both reward curves (per-step means, in the JSON), the mean reward per 100-step window, the
+final reward (mean of the last 50 steps) of fedgspo minus TRL's, and each side's wall time.
+``--parity --quick``: 60 steps, seed 0.
+
 Needs TRL (the ``bench-trl`` extra), best in its own venv::
 
     python3 -m venv /work/venv-trl && /work/venv-trl/bin/pip install torch==2.13.0 && \\
         /work/venv-trl/bin/pip install -e ".[bench-trl]"
     /work/venv-trl/bin/python benchmarks/vs_trl.py [--steps 30] [--repeats 3] [--quick]
+    /work/venv-trl/bin/python benchmarks/vs_trl.py --parity [--parity-steps 600] [--seeds 0 1 2] [--quick]
 """
 
 from __future__ import annotations

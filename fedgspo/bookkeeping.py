@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedgspo.entities.conflicts import OperationPriority
 from fedgspo.entities import (
+    ConfigEntity,
     ByzantineDetectorEntity,
     DatasetEntity,
     GSPOConfigEntity,
@@ -125,10 +126,7 @@ class RunBookkeeper:
         config, _dataset, model = self.registry.register_many([
             GSPOConfigEntity(
                 name=name, values=cfg.model_dump(mode="json"), digest=cfg.digest(),
-                num_generations=gspo.num_generations, num_iterations=gspo.num_iterations,
-                epsilon=gspo.epsilon, epsilon_high=gspo.epsilon_high, beta=gspo.beta,
-                learning_rate=gspo.learning_rate, max_completion_length=gspo.max_completion_length,
-                temperature=gspo.temperature, importance_sampling_level=gspo.importance_sampling_level),
+                **gspo.model_dump(include=set(GSPOConfigEntity.model_fields) - set(ConfigEntity.model_fields))),
             DatasetEntity(**dataset_info),
             ModelEntity(name=name, weights_hash=weights_hash, precision=cfg.model.dtype, **model_info),
         ])

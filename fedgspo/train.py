@@ -67,7 +67,7 @@ from fedgspo.recorder import open_recorder
 from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
 from fedgspo.robust.attacks import apply_attack, poison_rewards
 from fedgspo.robust.reputation import ReputationTracker
-from fedgspo.runfiles import RunFiles
+from fedgspo.runfiles import RunFiles, sha256_file
 from fedgspo.swappable import build_swapper, current_reward
 
 
@@ -490,7 +490,7 @@ class Trainer:
             rule=self.aggregator.spec(), f=self.aggregator.f, resumed_from=parent.sha256 if parent else None,
             model_info={"model_type": hf.model_type, "vocab_size": hf.vocab_size, "hidden_size": hf.hidden_size,
                         "num_layers": hf.num_hidden_layers},
-            dataset_info={"name": f"digits/{self.cfg.task.name}", "source": "synthetic"})
+            dataset_info=dataset_info(self.cfg, self.task))
 
     def finish(self, history: list[dict], first_step: int) -> None:
         """Every rank reports its weights hash (they must agree: bytes, never pickle); rank 0
@@ -515,6 +515,15 @@ def build_policy(cfg: Config, task: Task) -> torch.nn.Module:
     tok = task.tokenizer
     return build_model(cfg.model, tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
                        seed=cfg.train.seed)
+
+
+def dataset_info(cfg: Config, task: Task) -> dict:
+    """``DatasetEntity`` fields of the run's data as rank 0 sees it (its own file and shard)."""
+    if cfg.task.dataset is None:
+        return {"name": f"digits/{cfg.task.name}", "source": "synthetic"}
+    path = Path(task.path)
+    return {"name": path.name, "source": str(path), "split": cfg.task.split, "num_examples": len(task.rows),
+            "content_hash": sha256_file(path) if path.is_file() else None}
 
 
 def part_means(prefix: str, parts: dict[str, tuple[float, int]], totals: list[float]) -> dict[str, float]:

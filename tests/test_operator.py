@@ -53,3 +53,25 @@ def test_forged_request_is_rejected(tmp_path):
     assert main([f"run.dir={run}", f"security.key_file={key_file}", "train.max_steps=6", *FAST]) == 0
     assert len(read_metrics(run)) == 6
     assert list((run / "requests" / "rejected").glob("*.json"))
+
+
+def test_rule_hot_swap_versions_the_run_and_its_detector(tmp_path):
+    """The entities that describe the rule follow a hot swap (and are built from the config)."""
+    from fedgspo.entities import ByzantineDetectorEntity, GSPOTrainingRunEntity
+    from fedgspo.entities.registry import EntityRegistry
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hotswap.json").write_text(json.dumps({"aggregator": "median"}))
+    assert main([f"run.dir={run}", "train.max_steps=4", "aggregation.z_threshold=2.5",
+                 "aggregation.reputation.quarantine_after=2", *FAST]) == 0
+    registry = EntityRegistry(run / "registry.sqlite")
+    try:
+        (run_entity,) = registry.query(GSPOTrainingRunEntity)
+        (detector,) = registry.query(ByzantineDetectorEntity)
+        assert run_entity.aggregation_rule == detector.rule == "median(f=0)"
+        assert [e.aggregation_rule for e in registry.history(run_entity.lineage_id)][0] == "trimmed_mean(f=0)"
+        assert detector.z_threshold == 2.5 and detector.quarantine_after == 2
+        assert detector.run_id == run_entity.lineage_id
+    finally:
+        registry.close()

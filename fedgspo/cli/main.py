@@ -272,8 +272,11 @@ def _configure_runs(parser: argparse.ArgumentParser) -> Runner:
 def _config_line(cfg: dict) -> str:
     model, task, gspo, agg = (cfg.get(k) or {} for k in ("model", "task", "gspo", "aggregation"))
     attack = cfg.get("attack") or {}
-    parts = [f"model {model.get('path') or model.get('arch')} h{model.get('hidden_size')} L{model.get('num_layers')}",
-             f"task {task.get('name')}", f"rule {agg.get('rule')}/{agg.get('mode')} f={agg.get('f')}",
+    built = f"{model.get('arch')} h{model.get('hidden_size')} L{model.get('num_layers')}"
+    lora = f" +LoRA r={model['lora'].get('r')}" if model.get("lora") else ""
+    data = f"data {task['dataset']} ({task.get('partition', 'iid')})" if task.get("dataset") else f"task {task.get('name')}"
+    parts = [f"model {model.get('path') or built}{lora}", data,
+             f"rule {agg.get('rule')}/{agg.get('mode')} f={agg.get('f')}",
              f"lr {gspo.get('learning_rate')}", f"G={gspo.get('num_generations')}"]
     if attack:
         parts.append(f"attack {attack.get('kind')} on ranks {attack.get('ranks')}")

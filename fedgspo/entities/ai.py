@@ -56,17 +56,20 @@ class ConfigEntity(Entity):
 
 
 class GSPOConfigEntity(ConfigEntity):
-    """The GSPO hyper-parameters of a run, with the same ranges as ``fedgspo.config.GSPOConfig``."""
+    """The GSPO hyper-parameters of a run, with the same ranges as ``fedgspo.config.GSPOConfig``.
+
+    No defaults: every field is copied from the run's config (``gspo`` section), so the entity
+    cannot drift from what the run used."""
 
     num_generations: int = Field(ge=2)
-    num_iterations: int = Field(1, ge=1)
+    num_iterations: int = Field(ge=1)
     epsilon: float = Field(gt=0, lt=1)
-    epsilon_high: float | None = Field(None, gt=0, lt=1)
-    beta: float = Field(0.0, ge=0)
+    epsilon_high: float | None = Field(gt=0)
+    beta: float = Field(ge=0)
     learning_rate: float = Field(gt=0)
     max_completion_length: int = Field(gt=0)
-    temperature: float = Field(1.0, gt=0)
-    importance_sampling_level: Literal["sequence", "token"] = "sequence"
+    temperature: float = Field(gt=0)
+    importance_sampling_level: Literal["sequence", "token"]
 
 
 class TrainingRunEntity(Entity):
