@@ -49,6 +49,8 @@ Needs TRL (the ``bench-trl`` extra), best in its own venv::
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -56,6 +58,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +68,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, markdown_table, write_json  # noqa: E402
-from profile_step import PhaseTimer, instrumented  # noqa: E402
 
 from fedgspo.config import Config, load_config  # noqa: E402
 from fedgspo.gspo.loss import group_advantages, gspo_loss  # noqa: E402
@@ -79,6 +82,14 @@ TARGET = 1.5  # issue #8: fedgspo >= 1.5 x TRL's tokens/s
 SETTINGS = ["gspo.num_iterations=1", "gspo.beta=0.0", "gspo.num_generations=8", "gspo.max_completion_length=6",
             "task.prompts_per_rank=8", "gspo.learning_rate=1e-3", "gspo.adam_beta2=0.99",
             "run.progress_bar=false", "run.log_every=1000000"]
+# Learning parity (--parity): the same settings on a local model directory and JSONL file, with
+# a reward given by import path (this folder on PYTHONPATH) and one-digit answers.
+HERE = Path(__file__).resolve().parent
+PARITY_REWARD = "parity_reward:answer_words"
+PARITY_SETTINGS = SETTINGS + ["gspo.max_completion_length=4", f"task.reward_funcs=[{{name: {PARITY_REWARD}}}]"]
+PARITY_ROWS = 512  # 25 distinct prompts "what is a + b", a, b < 5; answer: the sum
+PARITY_MODEL = {"hidden": 64, "layers": 2, "seed": 0}  # 133k parameters
+WINDOW, FINAL = 100, 50  # table window and final-reward window, in steps
 
 
 def shared_config(steps: int, extra: list[str] | None = None) -> Config:
@@ -101,18 +112,13 @@ def trl_tokenizer() -> Any:
                                    eos_token="<eos>", padding_side="left")
 
 
-def trl_trainer(cfg: Config, out_dir: Path, world_size: int) -> Any:
-    """A ``GRPOTrainer`` configured like ``cfg`` on the prompts fedgspo's ranks would see."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+def grpo_args(cfg: Config, out_dir: Path, *, shuffle: bool = False) -> Any:
+    """TRL's ``GRPOConfig`` with fedgspo's settings from ``cfg`` (per process and step:
+    ``prompts_per_rank`` prompts x ``num_generations`` completions)."""
+    from trl import GRPOConfig
 
-    g, task = cfg.gspo, DigitTask(cfg.task, seed=cfg.train.seed)
-    tok = task.tokenizer
-    rows = [{"prompt": p, "answer": a} for step in range(cfg.train.max_steps) for rank in range(world_size)
-            for p, a in zip(*(lambda b: (b.prompts, b.answers))(task.sample(rank, step)))]
-    model = build_model(cfg.model, tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                        seed=cfg.train.seed)
-    args = GRPOConfig(
+    g = cfg.gspo
+    return GRPOConfig(
         output_dir=str(out_dir), max_steps=cfg.train.max_steps, seed=cfg.train.seed, use_cpu=True, bf16=False,
         per_device_train_batch_size=cfg.task.prompts_per_rank * g.num_generations,
         num_generations=g.num_generations, max_completion_length=g.max_completion_length,
@@ -120,8 +126,23 @@ def trl_trainer(cfg: Config, out_dir: Path, world_size: int) -> Any:
         importance_sampling_level=g.importance_sampling_level, loss_type="grpo", scale_rewards="group",
         temperature=g.temperature, learning_rate=g.learning_rate, adam_beta1=g.adam_beta1,
         adam_beta2=g.adam_beta2, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm,
-        lr_scheduler_type="constant", shuffle_dataset=False, logging_steps=1, report_to="none",
+        gradient_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default is on; fedgspo's off
+        lr_scheduler_type="constant", shuffle_dataset=shuffle, logging_steps=1, report_to="none",
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_vllm=False)
+
+
+def trl_trainer(cfg: Config, out_dir: Path, world_size: int) -> Any:
+    """A ``GRPOTrainer`` configured like ``cfg`` on the prompts fedgspo's ranks would see."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    task = DigitTask(cfg.task, seed=cfg.train.seed)
+    tok = task.tokenizer
+    rows = [{"prompt": p, "answer": a} for step in range(cfg.train.max_steps) for rank in range(world_size)
+            for p, a in zip(*(lambda b: (b.prompts, b.answers))(task.sample(rank, step)))]
+    model = build_model(cfg.model, tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                        seed=cfg.train.seed)
+    args = grpo_args(cfg, out_dir)
     return GRPOTrainer(model=model, args=args, processing_class=trl_tokenizer(), train_dataset=Dataset.from_list(rows),
                        reward_funcs=[get_reward(r.name) for r in cfg.task.reward_funcs])
 
@@ -144,6 +165,27 @@ class StepTimes:
 
     def on_step_end(self, *args: Any, **kwargs: Any) -> None:
         self.times.append(time.perf_counter() - self._t0)
+
+
+@contextmanager
+def train_step_times(times: list[float]) -> Iterator[None]:
+    """Append the wall time of every ``fedgspo.train.Trainer.train_step`` call to ``times``."""
+    from fedgspo.train import Trainer
+
+    original = Trainer.train_step
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - t0)
+
+    Trainer.train_step = timed
+    try:
+        yield
+    finally:
+        Trainer.train_step = original
 
 
 def set_threads(world_size: int) -> None:
@@ -179,9 +221,9 @@ def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
     ctx = init_distributed("cpu")
     set_threads(ctx.world_size)
     root = Path(broadcast_object(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
-    timer = PhaseTimer()
+    times: list[float] = []
     t0 = time.perf_counter()
-    with instrumented(timer):
+    with train_step_times(times):
         run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": root / "run"})}), ctx)
     seconds = time.perf_counter() - t0
     destroy_distributed()
@@ -189,7 +231,7 @@ def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
         return None
     batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * ctx.world_size
     lengths = [r["completion_len"] for r in read_metrics(root / "run")]
-    return {"seconds": seconds, "loop_seconds": sum(s["step"] for s in timer.steps), "steps": len(lengths),
+    return {"seconds": seconds, "loop_seconds": sum(times), "steps": len(lengths),
             "tokens": sum(lengths) * batch}
 
 
@@ -203,6 +245,178 @@ def launch(side: str, nproc: int, steps: int) -> dict[str, float]:
         if proc.returncode:
             raise RuntimeError(f"{side} on {nproc} process(es) failed:\n{proc.stderr[-4000:]}")
         return json.loads(Path(out.name).read_text())
+
+
+def parity_workspace(root: Path) -> Path:
+    """Write the parity model directory (tokenizer with chat template, tiny Llama) and data
+    file under ``root`` with the test fixtures' builders; nothing is downloaded."""
+    spec = importlib.util.spec_from_file_location("hf_fixtures", HERE.parent / "tests" / "hf_fixtures.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    fixtures.make_model_dir(root / "model", **PARITY_MODEL)
+    fixtures.write_jsonl(root / "data.jsonl", fixtures.arithmetic_rows(PARITY_ROWS, chat=True, seed=0))
+    return root
+
+
+def parity_config(steps: int, workspace: Path, seed: int) -> Config:
+    """The fedgspo configuration of a parity run (TRL's is derived from it)."""
+    return load_config(None, PARITY_SETTINGS + [f"model.path={workspace / 'model'}",
+                                                f"task.dataset={workspace / 'data.jsonl'}",
+                                                f"train.max_steps={steps}", f"train.seed={seed}"])
+
+
+def parity_reward_fn() -> Any:
+    """The parity reward function object, imported by its path like fedgspo resolves it."""
+    module, name = PARITY_REWARD.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def parity_trl(cfg: Config) -> dict[str, Any] | None:
+    """Train the parity model with TRL; rank 0 returns the per-step reward means and times."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from fedgspo.gspo.data import DatasetTask
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    set_threads(world)
+    rows = [json.loads(line) for line in cfg.task.dataset.read_text().splitlines() if line.strip()]
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    # Both sides must see the same prompt tokens: fedgspo's encoding against TRL's.
+    prompts = [r["prompt"] for r in rows[:32]]
+    ours = DatasetTask(cfg.task, tok, seed=0, rank=0, world_size=1)._encode(prompts)
+    theirs = tok.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with tempfile.TemporaryDirectory(prefix="fedgspo-vs-trl-") as out:
+        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(cfg.model.path),
+                              args=grpo_args(cfg, Path(out), shuffle=True), processing_class=tok,
+                              train_dataset=Dataset.from_list(rows), reward_funcs=[parity_reward_fn()])
+        steps = StepTimes()
+        trainer.add_callback(steps)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        if not trainer.accelerator.is_main_process:
+            return None
+        logs = [r for r in trainer.state.log_history if "reward" in r]
+        return {"seconds": seconds, "loop_seconds": sum(steps.times), "steps": len(logs),
+                "rewards": [r["reward"] for r in logs],
+                "completion_len": statistics.fmean(r["completions/mean_length"] for r in logs),
+                "prompt_ids_equal": [list(map(int, t)) for t in theirs] == [list(map(int, o)) for o in ours]}
+
+
+def parity_fedgspo(cfg: Config) -> dict[str, Any] | None:
+    """Train the parity model with ``fedgspo.train`` (all bookkeeping on, as in the speed
+    comparison); rank 0 returns the per-step reward means and times."""
+    from fedgspo.distributed import broadcast_object, destroy_distributed, init_distributed
+    from fedgspo.telemetry.metrics import read_metrics
+    from fedgspo.train import run
+
+    ctx = init_distributed("cpu")
+    set_threads(ctx.world_size)
+    root = Path(broadcast_object(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
+    times: list[float] = []
+    t0 = time.perf_counter()
+    with train_step_times(times):
+        run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": root / "run"})}), ctx)
+    seconds = time.perf_counter() - t0
+    destroy_distributed()
+    if not ctx.is_main:
+        return None
+    records = read_metrics(root / "run")
+    return {"seconds": seconds, "loop_seconds": sum(times), "steps": len(records),
+            "rewards": [r["reward_mean"] for r in records],
+            "completion_len": statistics.fmean(r["completion_len"] for r in records)}
+
+
+def launch_parity(side: str, nproc: int, steps: int, seed: int, workspace: Path) -> dict[str, Any]:
+    """One parity run in fresh processes, this folder on ``PYTHONPATH`` (where the reward's
+    import path resolves); adds the wall time of the whole process (imports included)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        script = [str(Path(__file__).resolve()), "worker", side, "--steps", str(steps), "--result", out.name,
+                  "--workspace", str(workspace), "--seed", str(seed)]
+        prefix = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+        t0 = time.perf_counter()
+        proc = subprocess.run(prefix + script, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"{side} parity on {nproc} process(es) failed:\n{proc.stderr[-4000:]}")
+        return {**json.loads(Path(out.name).read_text()), "process_seconds": time.perf_counter() - t0}
+
+
+def windows(curve: list[float], width: int) -> list[float]:
+    """Mean of each ``width``-step window of ``curve`` (the last one may be shorter)."""
+    return [statistics.fmean(curve[i:i + width]) for i in range(0, len(curve), width)]
+
+
+def parity_report(runs: dict[int, dict[int, dict[str, dict[str, Any]]]], steps: int
+                  ) -> tuple[dict[str, Any], list[str]]:
+    """Windowed curves, final rewards and their difference, per process count and seed; and
+    the printed tables."""
+    width, last = (WINDOW, FINAL) if steps >= 2 * WINDOW else (max(steps // 3, 1), max(steps // 2, 1))
+    result: dict[str, Any] = {"window": width, "final_steps": last, "by_processes": {}}
+    text = []
+    for nproc, by_seed in runs.items():
+        per_seed, curves = {}, {side: [] for side in SIDES}
+        for seed, by_side in by_seed.items():
+            final = {side: statistics.fmean(by_side[side]["rewards"][-last:]) for side in SIDES}
+            per_seed[seed] = {"final": final, "final_diff": final["fedgspo"] - final["trl"],
+                              "windows": {side: windows(by_side[side]["rewards"], width) for side in SIDES}}
+            for side in SIDES:
+                curves[side].append(by_side[side]["rewards"])
+        mean_curve = {side: [statistics.fmean(v) for v in zip(*c)] for side, c in curves.items()}
+        win = {side: windows(c, width) for side, c in mean_curve.items()}
+        diffs = [s["final_diff"] for s in per_seed.values()]
+        result["by_processes"][nproc] = {
+            "per_seed": per_seed, "mean_curve": mean_curve, "windows": win,
+            "final": {side: statistics.fmean(s["final"][side] for s in per_seed.values()) for side in SIDES},
+            "final_diff_mean": statistics.fmean(diffs), "final_diff_min": min(diffs), "final_diff_max": max(diffs)}
+        seeds = ", ".join(map(str, by_seed))
+        text.append(f"\n{nproc} process(es), mean reward per {width}-step window (mean over seeds {seeds})\n")
+        text.append(markdown_table(
+            ["steps", "fedgspo", "TRL", "fedgspo - TRL"],
+            [[f"{i * width + 1}-{min((i + 1) * width, steps)}", f, t, f - t]
+             for i, (f, t) in enumerate(zip(win["fedgspo"], win["trl"]))]))
+        text.append(f"\n{nproc} process(es), final reward (mean of the last {last} steps) and wall seconds\n")
+        rows = []
+        for seed, by_side in by_seed.items():
+            f, t = (by_side[side] for side in SIDES)
+            rows.append([seed, per_seed[seed]["final"]["fedgspo"], per_seed[seed]["final"]["trl"],
+                         per_seed[seed]["final_diff"], f["seconds"], t["seconds"], f["process_seconds"],
+                         t["process_seconds"], t["prompt_ids_equal"]])
+        text.append(markdown_table(["seed", "fedgspo final", "TRL final", "fedgspo - TRL", "fedgspo train s",
+                                    "TRL train s", "fedgspo process s", "TRL process s", "same prompt ids"], rows))
+    return result, text
+
+
+def main_parity(args: argparse.Namespace) -> None:
+    """Run the learning-parity comparison and write its JSON."""
+    import trl
+
+    steps = 60 if args.quick else args.parity_steps
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    nprocs = args.nprocs or [1]
+    runs: dict[int, dict[int, dict[str, dict[str, Any]]]] = {n: {} for n in nprocs}
+    with tempfile.TemporaryDirectory(prefix="fedgspo-parity-") as tmp:
+        workspace = parity_workspace(Path(tmp))
+        for i, seed in enumerate(seeds):
+            for nproc in nprocs:
+                runs[nproc][seed] = {}
+                for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+                    r = launch_parity(side, nproc, steps, seed, workspace)
+                    runs[nproc][seed][side] = r
+                    print(f"seed {seed}, {nproc} process(es), {side}: {r['steps']} steps, "
+                          f"{r['seconds']:.1f} s, final reward {statistics.fmean(r['rewards'][-50:]):.3f}", flush=True)
+    result, text = parity_report(runs, steps)
+    print(f"\nlearning parity: fedgspo vs TRL {trl.__version__} GRPOTrainer (GSPO), {steps} steps, "
+          f"reward {PARITY_REWARD}, same model directory and JSONL data")
+    print("\n".join(text))
+    out = args.out or RESULTS / "vs_trl_parity.json"
+    write_json(out, {"mode": "parity", "trl": trl.__version__, "steps": steps, "seeds": seeds,
+                     "settings": PARITY_SETTINGS, "reward": PARITY_REWARD, "model": PARITY_MODEL,
+                     "rows": PARITY_ROWS, "runs": runs, "result": result})
+    print(f"wrote {out}")
 
 
 def loss_check(padded: bool) -> dict[str, float]:
@@ -281,22 +495,37 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("side", choices=SIDES)
     worker.add_argument("--steps", type=int, required=True)
     worker.add_argument("--result", type=Path, required=True)
+    worker.add_argument("--workspace", type=Path, help="parity: folder holding model/ and data.jsonl")
+    worker.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--quick", action="store_true", help="10 steps x 2 repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS / "vs_trl.json")
+    parser.add_argument("--nprocs", type=int, nargs="+", help="process counts (default: 1 2; --parity: 1)")
+    parser.add_argument("--quick", action="store_true", help="10 steps x 2 repeats (--parity: 60 steps, seed 0)")
+    parser.add_argument("--parity", action="store_true", help="learning parity on a local model and JSONL file")
+    parser.add_argument("--parity-steps", type=int, default=600)
+    parser.add_argument("--seeds", type=int, nargs="+", help="--parity: training seeds (default: 0 1 2)")
+    parser.add_argument("--out", type=Path, help="JSON file (default: results/vs_trl.json, --parity: "
+                                                 "results/vs_trl_parity.json)")
     args = parser.parse_args(argv)
     if args.command == "worker":
-        cfg = shared_config(args.steps)
-        figures = (worker_trl if args.side == "trl" else worker_fedgspo)(cfg)
+        if args.workspace is not None:
+            cfg = parity_config(args.steps, args.workspace, args.seed)
+            figures = (parity_trl if args.side == "trl" else parity_fedgspo)(cfg)
+        else:
+            cfg = shared_config(args.steps)
+            figures = (worker_trl if args.side == "trl" else worker_fedgspo)(cfg)
         if figures is not None:
             args.result.write_text(json.dumps(figures))
+        return
+    if args.parity:
+        main_parity(args)
         return
 
     import trl
 
     steps, repeats = (10, 2) if args.quick else (args.steps, args.repeats)
+    args.nprocs = args.nprocs or [1, 2]
+    args.out = args.out or RESULTS / "vs_trl.json"
     samples: dict[int, dict[str, list[dict[str, float]]]] = {n: {s: [] for s in SIDES} for n in args.nprocs}
     for rep in range(repeats):
         for nproc in args.nprocs:

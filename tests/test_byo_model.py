@@ -217,3 +217,20 @@ def test_math_recipe_runs_as_written_with_a_local_model_and_data(tmp_path: Path)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "final")  # merged LoRA
+
+
+def test_lora_run_resumes_from_its_adapter_checkpoint(tmp_path: Path) -> None:
+    from fedgspo.train import main
+
+    H.make_model_dir(tmp_path / "model")
+    H.write_jsonl(tmp_path / "data.jsonl", H.arithmetic_rows(16))
+    common = [f"run.dir={tmp_path / 'run'}", f"model.path={tmp_path / 'model'}", f"task.dataset={tmp_path / 'data.jsonl'}",
+              "task.reward_funcs=[{name: answer_match}]", "model.lora={r: 2, alpha: 4}", "checkpoint.every=2",
+              "gspo.learning_rate=1e-2", *FAST]
+    assert main([*common, "train.max_steps=4"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004" / "adapter_model.safetensors").is_file()
+    assert main([*common, "train.max_steps=6", "checkpoint.resume=auto"]) == 0
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    assert steps == [0, 1, 2, 3, 4, 5]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["resumed_at"] == 4 and summary["steps"] == 6

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from fedgspo import robust_all_reduce
 from fedgspo.robust.aggregators import ShardContext, build_aggregator
 from fedgspo.config import load_config
-from fedgspo.distributed import gather_objects
+from fedgspo.distributed import all_gather_bytes
 from fedgspo.train import run
 
 pytestmark = pytest.mark.mpi(min_size=4)
@@ -42,7 +42,7 @@ def test_every_mode_equals_the_single_process_rule(dist_ctx, mode, rule, f, opti
     expected = build_aggregator(rule, f, **options).aggregate(stack.double(), ShardContext(round=0)).float()
     assert not report.consensus_failed
     torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-6)
-    assert len(set(gather_objects(tensor.sum().item()))) == 1  # bit-identical on every rank
+    assert len(set(all_gather_bytes(tensor.numpy().tobytes()))) == 1  # bit-identical on every rank
 
 
 def test_a_nan_update_is_flagged_and_left_out(dist_ctx):
@@ -65,7 +65,7 @@ def test_a_short_training_run_ends_with_identical_weights(dist_ctx, tmp_path_fac
     run_dir = tmp_path_factory.mktemp("run") if dist_ctx.rank == 0 else None
     cfg = load_config(None, ["train.max_steps=4", "train.device=cpu", "run.progress_bar=false",
                              "run.tensorboard=false", "aggregation.rule=median",
-                             f"run.dir={gather_objects(str(run_dir))[0]}"])
+                             f"run.dir={all_gather_bytes(str(run_dir).encode())[0].decode()}"])
     summary = run(cfg, dist_ctx)
     if dist_ctx.rank == 0:
         assert summary["world_size"] == dist_ctx.world_size
