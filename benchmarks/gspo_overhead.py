@@ -48,7 +48,7 @@ from common import RESULTS, markdown_table, write_json  # noqa: E402
 from profile_step import PhaseTimer, instrumented  # noqa: E402
 
 from fedgspo.config import Config, load_config  # noqa: E402
-from fedgspo.distributed import DistContext, broadcast_object, init_distributed  # noqa: E402
+from fedgspo.distributed import DistContext, broadcast_json, init_distributed  # noqa: E402
 from fedgspo.gspo.loss import group_advantages, gspo_loss  # noqa: E402
 from fedgspo.gspo.model import build_model  # noqa: E402
 from fedgspo.gspo.rewards import WeightedReward  # noqa: E402
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                "fedgspo": load_config(None, base)}
     variants = VARIANTS if ctx.world_size > 1 else tuple(v for v in VARIANTS if v != "fedgspo-plain")
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-    root = Path(broadcast_object(tempfile.mkdtemp(prefix="fedgspo-overhead-") if ctx.is_main else None))
+    root = Path(broadcast_json(tempfile.mkdtemp(prefix="fedgspo-overhead-") if ctx.is_main else None))
     for rep in range(repeats):
         shift = rep % len(variants)
         for tag in variants[shift:] + variants[:shift]:

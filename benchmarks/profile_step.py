@@ -42,7 +42,7 @@ from common import RESULTS, markdown_table, write_json  # noqa: E402
 
 import fedgspo.train as train_mod  # noqa: E402
 from fedgspo.config import Config, load_config  # noqa: E402
-from fedgspo.distributed import DistContext, broadcast_object, init_distributed  # noqa: E402
+from fedgspo.distributed import DistContext, broadcast_json, init_distributed  # noqa: E402
 
 # (owner, attribute, phase) of every wrapped callable; nested phases are subtracted from
 # their parent so the shares add up to the step.
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = init_distributed("cpu")
     torch.set_num_threads(1 if ctx.world_size > 1 else 2)
     overrides = [f"train.max_steps={steps}", "run.progress_bar=false", "run.log_every=1000000", *args.overrides]
-    root = Path(broadcast_object(tempfile.mkdtemp(prefix="fedgspo-profile-") if ctx.is_main else None))
+    root = Path(broadcast_json(tempfile.mkdtemp(prefix="fedgspo-profile-") if ctx.is_main else None))
     timer = PhaseTimer()
     with instrumented(timer):
         train_mod.run(load_config(None, overrides + [f"run.dir={root / 'phases'}"]), ctx)

@@ -45,7 +45,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from safetensors.torch import save_file, save_model
 
-from fedgspo.distributed import all_gather_bytes, broadcast_object
+from fedgspo.distributed import all_gather_bytes, broadcast_json
 from fedgspo.gspo.model import weights_sha256
 from fedgspo import runfiles
 from fedgspo.runfiles import sha256_file, write_json_atomic
@@ -371,6 +371,18 @@ def newest_verified(run_dir: Path) -> tuple[CheckpointInfo | None, list[tuple[st
     return None, skipped
 
 
+def _checked_choice(choice: Any) -> tuple[str | None, list[tuple[str, str]], str | None]:
+    """Rank 0's broadcast choice ``[path | None, [[path, reason], ...], error | None]``,
+    validated; ``CheckpointError`` when it has another shape."""
+    ok = (isinstance(choice, (list, tuple)) and len(choice) == 3 and isinstance(choice[0], (str, type(None)))
+          and isinstance(choice[1], list) and isinstance(choice[2], (str, type(None)))
+          and all(isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(x, str) for x in s)
+                  for s in choice[1]))
+    if not ok:
+        raise CheckpointError("checkpoint choice from rank 0 is malformed")
+    return choice[0], [(p, r) for p, r in choice[1]], choice[2]
+
+
 class CheckpointManager:
     """Periodic, pruned, resumable checkpoints of one run directory.
 
@@ -490,7 +502,7 @@ class CheckpointManager:
         rank 0's check and a rank's read, raises :class:`CheckpointError` (on every rank in
         the first case; the run must stop, no partial state should be trusted).
         """
-        path, skipped, error = broadcast_object(self._choose() if self.rank == 0 else None)
+        path, skipped, error = _checked_choice(broadcast_json(list(self._choose()) if self.rank == 0 else None))
         self.skipped = skipped
         for bad, reason in skipped:
             log.warning("skipping corrupt checkpoint %s: %s", bad, reason)

@@ -9,10 +9,12 @@ is a single process and no process group is created. CUDA gets nccl, CPU gets gl
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -170,13 +172,34 @@ def all_gather_bytes(blob: bytes, group: dist.ProcessGroup | None = None) -> lis
     return [bytes(rows[r, :int(sizes[r])].numpy()) for r in range(world)]
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """``obj`` from rank ``src`` on every rank (identity in a single process)."""
+def broadcast_json(value: Any, src: int = 0, group: dist.ProcessGroup | None = None, *,
+                   max_bytes: int = 1 << 20) -> Any:
+    """``value`` from rank ``src`` (global rank) on every rank of ``group``, as UTF-8 JSON in two
+    tensor broadcasts (length, then bytes). Nothing is unpickled: receivers get only JSON types
+    (dict, list, str, int, float, bool, None; tuples arrive as lists) and must validate the
+    shape of what they got before using it. Identity in a single process.
+
+    Collective. Failure: ``TypeError`` on ``src`` for a value JSON cannot encode (before any
+    collective: the other ranks then wait until the group's timeout); ``ValueError`` on a
+    receiver for a payload over ``max_bytes`` or not valid JSON.
+    """
     if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        return value
+    device = collective_device(group)
+    payload = json.dumps(value).encode() if dist.get_rank() == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src, group=group)
+    length = int(size.item())
+    if not 0 <= length <= max_bytes:
+        raise ValueError(f"broadcast from rank {src}: {length} bytes (limit {max_bytes})")
+    data = torch.zeros(max(length, 1), dtype=torch.uint8, device=device)
+    if payload:
+        data[:length] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    dist.broadcast(data, src=src, group=group)
+    try:
+        return json.loads(bytes(data[:length].cpu().numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"broadcast from rank {src}: not valid JSON ({err})") from None
 
 
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:

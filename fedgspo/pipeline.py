@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedgspo.config import Config, ConfigError, apply_overrides, format_validation_error, read_yaml, set_dotted
 from fedgspo.entities.conflicts import OperationPriority
-from fedgspo.distributed import broadcast_object
+from fedgspo.distributed import broadcast_json
 from fedgspo.entities import AIPipelineEntity, TrainingStageEntity
 from fedgspo.entities.registry import EntityRegistry, NullRegistry
 from fedgspo.entities.tree import DependencyCycleError, MissingDependencyError, topological_order
@@ -141,7 +141,7 @@ def run_pipeline(spec: PipelineSpec, configs: dict[str, Config], *, is_main: boo
             registry.update(stage_id, lambda e: e.evolve(status="running"), priority=OperationPriority.NORMAL)
             summary = run_stage(stage_config(cfg, spec, stages[name])) or {}
             metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-            done = bool(broadcast_object(is_main and entities[name].is_complete(metrics)))
+            done = broadcast_json(bool(is_main and entities[name].is_complete(metrics))) is True
             registry.update(stage_id, lambda e: e.evolve(status="completed" if done else "failed"),
                             priority=OperationPriority.NORMAL)
             if not done:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from fedgspo.bookkeeping import RunBookkeeper
 from fedgspo.checkpoint import save_checkpoint
 from fedgspo.config import Config, ConfigError
-from fedgspo.distributed import DistContext, broadcast_object
+from fedgspo.distributed import DistContext, broadcast_json
 from fedgspo.entities.events import AnyBus, NullEventBus
 from fedgspo.integrity.audit import RUN_END, RUN_START, AuditLog
 from fedgspo.integrity.auth import Keyring, RequestInbox, audit_auth_failures
@@ -183,9 +183,9 @@ def open_recorder(cfg: Config, ctx: DistContext, files: RunFiles, keyring: Keyri
             logger = MetricsLogger(files.root, cfg.run.tensorboard, cfg.metrics)
         except OSError as err:
             error = f"metrics.prometheus_port: cannot serve on {cfg.metrics.prometheus_port} ({err.strerror or err})"
-    error = broadcast_object(error)
+    error = broadcast_json(error)
     if error:
-        raise ConfigError(error)
+        raise ConfigError(str(error))
     if logger is None:
         return NullRecorder(cfg)
     admin_key = keyring.admin_key() if keyring is not None and keyring.admin else None

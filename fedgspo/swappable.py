@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from fedgspo.robust.aggregators import RULES
 from fedgspo.entities.callables import CallableRegistry, HotSwapper
 from fedgspo.entities.events import EventBus, NullEventBus
@@ -61,7 +59,7 @@ for _name, _rule in RULES.items():
 
 
 def build_swapper(*, reward: WeightedReward, aggregator: str, lr_schedule: str, run_dir: Path | None,
-                  bus: EventBus | NullEventBus, device: torch.device) -> HotSwapper:
+                  bus: EventBus | NullEventBus) -> HotSwapper:
     """A :class:`HotSwapper` over the three slots; ``run_dir`` (rank 0) enables ``hotswap.json``.
 
     Registers the reward functions (see the module docstring) at every call, so functions
@@ -79,7 +77,7 @@ def build_swapper(*, reward: WeightedReward, aggregator: str, lr_schedule: str, 
     for name, fn in rewards.items():
         CallableRegistry.register(name, kind="reward", replace=True)(fn)
     return HotSwapper({"reward": CONFIGURED_REWARD, "aggregator": aggregator, "lr_schedule": lr_schedule},
-                      run_dir, bus=bus, device=device if device.type == "cuda" else None)
+                      run_dir, bus=bus)
 
 
 def current_reward(swapper: HotSwapper) -> WeightedReward:

@@ -47,7 +47,7 @@ from fedgspo.distributed import (
     FlatGradients,
     all_gather_bytes,
     all_reduce_mean,
-    broadcast_object,
+    broadcast_json,
     broadcast_parameters,
     destroy_distributed,
     init_distributed,
@@ -106,9 +106,11 @@ def resolve_run_dir(cfg: Config, ctx: DistContext) -> Path:
         if RunFiles(run_dir).holds_run() and cfg.checkpoint.resume != "auto":
             error = (f"run.dir: {run_dir} already holds a run; pick another run.name or run.dir, "
                      "or continue it with checkpoint.resume=auto")
-    error, run_dir = broadcast_object((error, run_dir))
+    error, run_dir = broadcast_json([error, None if run_dir is None else str(run_dir)])
     if error:
-        raise ConfigError(error)
+        raise ConfigError(str(error))
+    if not isinstance(run_dir, str):
+        raise ConfigError("run.dir: rank 0 shared no run directory")
     return Path(run_dir)
 
 
@@ -146,7 +148,7 @@ class Trainer:
         self.swapper = build_swapper(
             reward=prepared.reward,
             aggregator=agg.rule, lr_schedule=gspo.lr_scheduler_type,
-            run_dir=self.recorder.hotswap_root, bus=self.recorder.bus, device=ctx.device)
+            run_dir=self.recorder.hotswap_root, bus=self.recorder.bus)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: self.swapper["lr_schedule"](s, cfg.train.max_steps, gspo.warmup_steps))
         # Robust aggregation and whom to trust: the rule object lives for the run (it keeps

@@ -56,8 +56,16 @@ def test_reward_flip_only_touches_rewards():
     assert torch.equal(g, grad())
 
 
+def test_protocol_attacks_leave_the_update_alone():
+    for kind in ("lie_aggregate", "lie_vote", "lie_stats", "bad_metadata"):
+        g = grad()
+        assert not apply_attack(AttackConfig(kind=kind, ranks=[0]), g, rank=0, step=0)
+        assert torch.equal(g, grad())
+
+
 def test_registry_and_validation():
-    assert set(ATTACKS) == {"sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "alie", "ipm", "reward_flip"}
+    assert set(ATTACKS) == {"sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "alie", "ipm", "reward_flip",
+                            "lie_aggregate", "lie_vote", "lie_stats", "bad_metadata"}
     with pytest.raises(ValidationError, match="known: alie, bit_flip"):
         AttackConfig(kind="label_flip")
     with pytest.raises(ValidationError):

@@ -20,7 +20,7 @@ ALLOWED = {
     "distributed": set(),
     "gspo": set(),
     "robust": {"distributed"},
-    "entities": {"runfiles"},
+    "entities": {"runfiles", "distributed"},
     "integrity": {"gspo", "distributed", "runfiles"},
     "telemetry": {"entities", "runfiles"},
     "top": {"runfiles", "distributed", "gspo", "robust", "entities", "integrity", "telemetry"},

@@ -8,7 +8,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import torch
 
 import fedgspo.gspo
 from fedgspo.entities.callables import CallableRegistry
@@ -180,7 +179,7 @@ def test_swapper_registers_every_reward(user_module):
     path_name = f"{user_module}:first_char"
     configured = WeightedReward.from_names([("digit_accuracy", 1.0), (path_name, 1.0)])
     swapper = build_swapper(reward=configured, aggregator="mean", lr_schedule="constant", run_dir=None,
-                            bus=NullEventBus(), device=torch.device("cpu"))
+                            bus=NullEventBus())
     try:
         assert {"answer_match", "math_answer", "t_custom_reward", path_name, "config"} <= set(
             CallableRegistry.names("reward"))

@@ -130,7 +130,7 @@ def test_bad_input_raises_on_every_rank_without_hanging(scenarios):
 
 
 def _detection(rank: int, world: int) -> dict:
-    import fedgspo.robust.shard_exchange as exchange
+    from fedgspo.robust.attacks import ProtocolAttack
 
     x = updates(500, spread=1.0)
     out = {}
@@ -150,17 +150,9 @@ def _detection(rank: int, world: int) -> dict:
     run("two_nan", ([0, 1], lambda t: t.fill_(math.inf)))
     run("exclude", None, exclude=[3])
     run("replicated_nan", ([2], lambda t: t.fill_(math.nan)), mode="replicated")
-    original = exchange.aggregate_rows
-    calls = [0]
-
-    def lying(*args, **kwargs):  # rank 1 corrupts its primary shard, not its audit copy
-        result = original(*args, **kwargs)
-        calls[0] += 1
-        return result + 1.0 if rank == 1 and calls[0] % 2 == 1 else result
-
-    exchange.aggregate_rows = lying
-    run("audited_liar", None, mode="audited", z_threshold=1e9)
-    exchange.aggregate_rows = original
+    # Rank 1 publishes a wrong aggregated shard (its audit copy stays honest).
+    run("audited_liar", None, mode="audited", z_threshold=1e9,
+        tamper=ProtocolAttack("lie_aggregate", 1.0) if rank == 1 else None)
     return out
 
 
@@ -187,8 +179,9 @@ def test_detection_exclusion_and_consensus_failure(scenarios):
     t, rep = results[0]["exclude"]
     assert rep.excluded == [3] and not rep.consensus_failed
     torch.testing.assert_close(t, tm(x[[0, 1, 2]]))
-    t, rep = results[0]["audited_liar"]
-    assert rep.consensus_failed and rep.audit_mismatches == [1] and torch.equal(t, torch.zeros_like(t))
+    t, rep = results[0]["audited_liar"]  # repaired by every rank, the liar flagged
+    assert not rep.consensus_failed and rep.audit_mismatches == [1] and rep.flagged == [1]
+    torch.testing.assert_close(t, tm(x))
 
 
 def _ddp(rank: int, world: int) -> tuple:

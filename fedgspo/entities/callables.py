@@ -46,6 +46,7 @@ import torch.distributed as dist
 from fedgspo.entities.base import Entity
 from fedgspo.entities.events import AlertRaised, AnyBus, HotSwapApplied, get_event_bus
 from fedgspo import runfiles
+from fedgspo.distributed import broadcast_json
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,6 @@ class HotSwapper:
         run_dir: where rank 0 watches ``hotswap.json``; ``None`` disables the file.
         bus: receives ``HotSwapApplied`` / ``AlertRaised`` (default: the default bus).
         group: process group of :meth:`sync`; default the world.
-        device: device for the broadcast (needed with NCCL: the rank's CUDA device).
     """
 
     def __init__(
@@ -203,7 +203,6 @@ class HotSwapper:
         *,
         bus: AnyBus | None = None,
         group: dist.ProcessGroup | None = None,
-        device: torch.device | None = None,
     ) -> None:
         for slot, name in slots.items():
             CallableRegistry.get(name, kind=slot)
@@ -211,7 +210,6 @@ class HotSwapper:
         self.path = Path(run_dir) / HOTSWAP_FILENAME if run_dir is not None else None
         self.bus = bus
         self.group = group
-        self.device = device
         self._pending: dict[str, str] = {}
         self._seen: tuple[int, int] | None = None
 
@@ -274,12 +272,12 @@ class HotSwapper:
             self.poll()
         swaps, self._pending = self._pending, {}
         if dist.is_initialized():
-            box: list[Any] = [swaps]
             src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-            dist.broadcast_object_list(box, src=src, group=self.group, device=self.device)
-            swaps = box[0]
+            swaps = broadcast_json(swaps, src=src, group=self.group)
+            if not isinstance(swaps, dict):
+                raise ValueError(f"hot swaps from rank 0 must be an object {{slot: name}}, got {swaps!r}")
         for slot, name in swaps.items():
-            CallableRegistry.get(name, kind=slot)
+            self._validate(slot, name)
             old, self.slots[slot] = self.slots.get(slot), name
             self._bus().emit(HotSwapApplied(slot=slot, old_name=old, new_name=name, step=step, rank=rank))
         return swaps

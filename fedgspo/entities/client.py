@@ -3,7 +3,8 @@
 Only rank 0 opens the :class:`~fedgspo.entities.registry.EntityRegistry`. Any rank queues a
 small :class:`WriteRequest` with :meth:`RegistryClient.patch` (no communication); at the step
 boundary every rank calls :meth:`RegistryClient.sync`, which gathers the queued requests to
-rank 0 over the existing process group (``torch.distributed.gather_object``) and applies them
+rank 0 over the existing process group as JSON bytes (never pickle: a peer's bytes are parsed
+and validated against the request's schema and the entity's field types) and applies them
 there, in rank order, through the conflict resolver. Without an initialised process group the
 requests are applied locally. No extra server or port is used.
 
@@ -13,18 +14,24 @@ Failure behaviour:
   call hangs until the process group's timeout (like any collective).
 * A request that matches no entity or more than one, or whose change is rejected, is not
   applied; rank 0 counts it in the returned :class:`SyncReport` with the reason. Other
-  requests are still applied.
+  requests are still applied. A rank whose bytes are not a valid list of requests has all of
+  them rejected (reported with the rank); ``origin_rank`` is always the sender's rank, whatever
+  it claims.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import torch.distributed as dist
+from pydantic import TypeAdapter
 
+from fedgspo.distributed import all_gather_bytes
 from fedgspo.entities.conflicts import OperationPriority, OperationRejectedError
 from fedgspo.entities.base import Entity
 from fedgspo.entities.registry import EntityRegistry
@@ -91,20 +98,21 @@ class RegistryClient:
     def sync(self) -> SyncReport:
         """Collective: gather every rank's queued requests to rank 0 and apply them there."""
         pending, self._pending = self._pending, []
-        if dist.is_initialized():
-            world = dist.get_world_size(self.group)
-            gathered: list[list[WriteRequest]] | None = [[] for _ in range(world)] if self.rank == 0 else None
-            dst = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-            dist.gather_object(pending, gathered, dst=dst, group=self.group)
-            if gathered is None:
-                return SyncReport()
-            requests = [r for per_rank in gathered for r in per_rank]
-        else:
-            requests = pending
-        return self._apply(requests)
+        if not dist.is_initialized():
+            return self._apply(pending, SyncReport())
+        blob = json.dumps([dataclasses.asdict(r) for r in pending], default=str).encode()
+        blobs = all_gather_bytes(blob, self.group)
+        if self.rank != 0:
+            return SyncReport()
+        report, requests = SyncReport(), []
+        for sender, data in enumerate(blobs):
+            try:
+                requests.extend(_decode_requests(data, sender))
+            except (ValueError, TypeError, KeyError) as err:
+                report.rejected.append((WriteRequest("?", {}, {}, {}, 0, sender), f"rank {sender}: malformed ({err})"))
+        return self._apply(requests, report)
 
-    def _apply(self, requests: list[WriteRequest]) -> SyncReport:
-        report = SyncReport()
+    def _apply(self, requests: list[WriteRequest], report: SyncReport) -> SyncReport:
         if self.registry is None:
             report.rejected.extend((r, "no registry on rank 0") for r in requests)
             return report
@@ -129,3 +137,27 @@ class RegistryClient:
                 raise LookupError(f"{len(matches)} {req.entity_type} match {req.where}; need exactly one")
             found = self._targets[key] = matches[0].lineage_id
         return found
+
+
+def _decode_requests(data: bytes, sender: int) -> list[WriteRequest]:
+    """The requests in ``sender``'s JSON bytes, checked field by field; ``where`` values are
+    validated as the entity's field types (so a UUID arrives as a UUID). Raises ``ValueError``,
+    ``TypeError`` or ``KeyError`` for anything else."""
+    items = json.loads(data.decode("utf-8"))
+    if not isinstance(items, list):
+        raise ValueError("not a list of requests")
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) != {f.name for f in dataclasses.fields(WriteRequest)}:
+            raise ValueError(f"not a write request: {str(item)[:120]}")
+        entity_cls = Entity.resolve_type(item["entity_type"])
+        if not all(isinstance(item[k], dict) for k in ("where", "set", "add")):
+            raise TypeError("where, set and add must be objects")
+        fields = entity_cls.model_fields
+        where = {k: TypeAdapter(fields[k].annotation).validate_python(v) for k, v in item["where"].items()}
+        if not all(k in fields for k in item["set"]) or not all(
+                k in fields and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in item["add"].items()):
+            raise ValueError(f"unknown fields or non-numeric additions for {item['entity_type']}")
+        out.append(WriteRequest(item["entity_type"], where, item["set"], item["add"],
+                                int(OperationPriority(item["priority"])), sender))
+    return out

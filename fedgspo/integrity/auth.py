@@ -22,6 +22,7 @@ Keys never appear in ``repr``, logs, the audit log or the registry.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -40,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedgspo.integrity.audit import AUTH_FAILURE, OPERATOR_REQUEST, REQUEST_REJECTED, AuditLog, canonical_json
 from fedgspo.runfiles import write_json_atomic
-from fedgspo.distributed import all_gather_single, broadcast_object
+from fedgspo.distributed import all_gather_single, broadcast_json
 from fedgspo import runfiles
 
 KEY_BYTES = 32
@@ -412,4 +413,17 @@ def poll_requests(inbox: RequestInbox | None, step: int) -> list[OperatorRequest
     Apply the returned actions before the next step so all ranks change together.
     """
     accepted = inbox.poll(step) if inbox is not None else []
-    return list(broadcast_object(accepted))
+    shared = broadcast_json([dataclasses.asdict(r) for r in accepted])
+    if not isinstance(shared, list):
+        raise AuthError("operator requests from rank 0 are malformed")
+    return [_request_from_json(item) for item in shared]
+
+
+def _request_from_json(item: Any) -> OperatorRequest:
+    """An :class:`OperatorRequest` from its broadcast JSON form; :class:`AuthError` unless it
+    has exactly the request's fields with their types and a known action."""
+    if (not isinstance(item, dict) or set(item) != {"action", "args", "nonce", "created"}
+            or item["action"] not in ACTIONS or not isinstance(item["args"], dict)
+            or not isinstance(item["nonce"], str) or not isinstance(item["created"], (int, float))):
+        raise AuthError(f"operator request from rank 0 is malformed: {str(item)[:200]}")
+    return OperatorRequest(item["action"], item["args"], item["nonce"], float(item["created"]))

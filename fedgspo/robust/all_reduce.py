@@ -14,12 +14,23 @@ floating-point summation order):
   statistics along. The bytes of a ring all-reduce. Rules needing whole-vector quantities
   (Krum, geometric median, centered clipping, NNM) all-reduce ``n`` (or ``n x n``) partial
   sums (:mod:`fedgspo.robust.shard_exchange`).
-  Trust model: it filters Byzantine *updates* but trusts every rank to compute its shard.
-* ``replicated``: ``all_gather`` of everything; every rank aggregates the full stack.
-  ``n`` times the bytes; trusts no rank's computation.
-* ``audited``: sharded, and every shard is also aggregated by a second rank (rank ``r``
-  checks shard ``r - 1``); a disagreement is reported and fails the step. Twice the
-  all-to-all bytes and local work.
+  Trust model: it filters Byzantine *updates* but trusts every rank to compute its shard
+  and that shard's partial detection statistics (which enter every rank's distance, cosine
+  and norm): a Byzantine owner can corrupt its shard of the result and get any rank flagged.
+* ``replicated``: ``all_gather`` of everything; every rank aggregates the full stack and
+  computes every statistic itself. ``n`` times the bytes; trusts no rank's computation.
+* ``audited``: sharded, and rank ``r`` also aggregates shard ``r - 1`` and recomputes its
+  partial statistics (and, for rules with whole-vector sums, the owner's contributions,
+  which this mode all-gathers instead of all-reducing). Each auditor's vote is gathered on
+  its own (one number per rank, never summed). Only when a vote accuses does a dispute round
+  run: every rank recomputes the accused shard from rows re-sent by their senders, repairs
+  the shard and its statistics if the owner lied (owner flagged, ``audit_mismatches``) and
+  flags the auditor if it accused falsely (``false_accusations``); the step goes on with the
+  correct result. Only a forged contribution to whole-vector sums fails the step. With any
+  number of Byzantine ranks no honest rank is flagged by the audit and a wrong shard passes
+  only when its auditor is Byzantine too (protocol, guarantees and what a Byzantine rank can
+  still do: :mod:`fedgspo.robust.shard_exchange`). Twice the all-to-all bytes and local
+  work, plus one tiny ``all_gather`` of the votes.
 
 Call protocol and failure behaviour:
 
@@ -27,17 +38,24 @@ Call protocol and failure behaviour:
   ``exclude`` and ``weights`` and a tensor of the same numel and dtype. A first tiny
   ``all_gather`` of that metadata lets every rank check it: any mismatch, unknown name,
   bound the rule cannot tolerate (e.g. ``2f >= n`` for the median) or non-floating dtype
-  raises the same ``ValueError`` on *every* rank (no hang); the tensor is unchanged.
+  raises the same ``ValueError`` on *every* rank (no hang); the tensor is unchanged. A
+  Byzantine rank publishing a wrong row (numel, dtype, f, NaN, infinities) gets the same.
 * Nonfinite updates (NaN/Inf, or a squared norm overflowing) are always flagged and left
   out of the aggregate; so are ranks in ``exclude`` or with weight 0 (they are still
   measured and reported).
 * Consensus failure: too few usable ranks for the rule's bound, more than ``f`` flagged
-  ranks among those aggregated, a nonfinite aggregate, or (audited) a shard mismatch. Then
+  ranks among those aggregated, a nonfinite aggregate, or (audited) a forged contribution
+  to a rule's whole-vector sums. Then
   ``report.consensus_failed`` is True on every rank, ``report.reason`` says why, and the
   tensor is **zeroed** on every rank. The caller must skip the optimizer step (a zero
   gradient still moves momentum-based optimizers) or stop.
 * Single process (``torch.distributed`` not initialised, or a group of one): the tensor is
   left as is and a trivial report returned.
+
+Protocol-level attacks: ``tamper=`` (a :class:`~fedgspo.robust.shard_exchange.ProtocolTamper`,
+implemented by :class:`fedgspo.robust.attacks.ProtocolAttack`) makes this rank publish
+altered metadata, aggregated shards, partial statistics or votes, to test the modes against
+a Byzantine rank's protocol messages. None (default) costs nothing.
 
 Authenticated updates: with ``authenticator=`` (an
 :class:`~fedgspo.robust.authentication.ExchangeAuthenticator` for this rank's group rank, such as
@@ -75,12 +93,13 @@ from fedgspo.robust.aggregators import Aggregator, build_aggregator
 from fedgspo.robust.authentication import ExchangeAuthenticator
 from fedgspo.robust.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
 from fedgspo.distributed import all_gather_single
-from fedgspo.robust.shard_exchange import AggregationPlan, replicated, sharded
+from fedgspo.robust.shard_exchange import AggregationPlan, AuditOutcome, ProtocolTamper, replicated, sharded
 
 MODES = ("sharded", "replicated", "audited")
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
-# Metadata slots exchanged before any data moves.
-_NUMEL, _DTYPE, _F, _CONFIG, _ERROR, _SQ_NORM = range(6)
+#: Slots of the float64 metadata row every rank all-gathers before any data moves:
+#: numel, dtype code, f, checksum of the call's configuration, error flag, ``||x||^2``.
+META_NUMEL, META_DTYPE, META_F, META_CONFIG, META_ERROR, META_SQ_NORM = range(6)
 
 
 @dataclass(frozen=True)
@@ -99,7 +118,12 @@ class RobustReport:
         weights: the weight each rank had in the aggregate's rule (0 = excluded).
         consensus_failed: the result is unusable; the tensor was zeroed; skip the step.
         reason: why consensus failed ("" otherwise).
-        audit_mismatches: ranks whose shard disagreed with its auditor (audited mode).
+        audit_mismatches: owners whose published shard, statistics or whole-vector
+            contributions every rank's recomputation refuted (audited mode; flagged; their
+            shard and statistics were repaired).
+        false_accusations: auditors that accused a shard every rank's recomputation
+            confirmed (audited mode; flagged).
+        disputed: shards an auditor accused, recomputed by every rank (audited mode).
         auth_failed: senders whose update failed authentication on some rank (always
             flagged and excluded; empty without an authenticator).
         rule, mode, world_size: what was run.
@@ -118,6 +142,8 @@ class RobustReport:
     consensus_failed: bool = False
     reason: str = ""
     audit_mismatches: list[int] = field(default_factory=list)
+    false_accusations: list[int] = field(default_factory=list)
+    disputed: list[int] = field(default_factory=list)
     auth_failed: list[int] = field(default_factory=list)
     rule: str = ""
     mode: str = ""
@@ -126,6 +152,11 @@ class RobustReport:
 
 def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
+
+
+def _number(value: float) -> int | float:
+    """A metadata value for an error message: an int when integral, else the float (NaN, inf)."""
+    return int(value) if math.isfinite(value) and value == int(value) else value
 
 
 def resolve_rule(rule: str | Aggregator, f: int | None, pre: Sequence[str] = (),
@@ -185,6 +216,7 @@ def _agree(
     error: str,
     config_text: str,
     group: dist.ProcessGroup | None,
+    tamper: ProtocolTamper | None = None,
 ) -> tuple[Aggregator, torch.Tensor]:
     """All-gather every rank's metadata and raise the same ``ValueError`` everywhere on a mismatch.
 
@@ -201,15 +233,18 @@ def _agree(
         dtype=torch.float64,
         device=tensor.device,
     )
+    if tamper is not None:
+        tamper.metadata(row)
     meta = torch.empty(n * row.numel(), dtype=torch.float64, device=tensor.device)
     all_gather_single(meta, row, group=group)
     meta = meta.view(n, -1).cpu()
-    bad = [r for r in range(n) if meta[r, _ERROR] != 0]
+    bad = [r for r in range(n) if meta[r, META_ERROR] != 0]
     if bad:
         raise ValueError(f"robust_all_reduce: invalid arguments on rank(s) {bad}" + (f": {error}" if error else ""))
-    for slot, what in ((_NUMEL, "numel"), (_DTYPE, "dtype"), (_F, "f"), (_CONFIG, "rule/mode/options/exclude/weights")):
+    for slot, what in ((META_NUMEL, "numel"), (META_DTYPE, "dtype"), (META_F, "f"),
+                       (META_CONFIG, "rule/mode/options/exclude/weights")):
         if bool((meta[:, slot] != meta[0, slot]).any()):
-            values = [int(v) for v in meta[:, slot].tolist()]
+            values = [_number(v) for v in meta[:, slot].tolist()]
             raise ValueError(f"robust_all_reduce: ranks disagree on {what} (per rank: {values})")
     assert agg is not None  # no rank reported an error, so this one built its rule
     try:
@@ -299,11 +334,19 @@ def _authenticate(auth: ExchangeAuthenticator, step: int, group: dist.ProcessGro
     return verify
 
 
-def _audit_failure(report: RobustReport, mismatches: list[int]) -> RobustReport:
-    n = report.world_size
-    pairs = ", ".join(f"shard of rank {r} vs auditor rank {(r + 1) % n}" for r in mismatches)
+def _with_audit(report: RobustReport, audit: AuditOutcome) -> RobustReport:
+    """``report`` with the audit's blame flagged and, on an unrepairable dispute, failed."""
+    if not (audit.disputed or audit.failure):
+        return report
+    failed = report.consensus_failed or bool(audit.failure)
     return dataclasses.replace(
-        report, consensus_failed=True, reason=f"audit mismatch: {pairs}", audit_mismatches=mismatches
+        report,
+        flagged=sorted(set(report.flagged) | set(audit.mismatches) | set(audit.false_accusations)),
+        audit_mismatches=audit.mismatches,
+        false_accusations=audit.false_accusations,
+        disputed=audit.disputed,
+        consensus_failed=failed,
+        reason=report.reason or (f"audit: {audit.failure}" if audit.failure else ""),
     )
 
 
@@ -321,6 +364,7 @@ def robust_all_reduce(
     pre: Sequence[str] = (),
     authenticator: ExchangeAuthenticator | None = None,
     step: int | None = None,
+    tamper: ProtocolTamper | None = None,
     **rule_options: float | int,
 ) -> RobustReport:
     """Replace ``tensor`` in place, on every rank, by the robust aggregate of all ranks' tensors.
@@ -346,6 +390,8 @@ def robust_all_reduce(
             (default): no authentication, no extra cost.
         step: the training step the tags are bound to (required with ``authenticator``;
             the same on every rank); a tag made for another step does not verify.
+        tamper: makes *this* rank lie inside the exchange (attack simulation; module
+            docstring). None (default): the honest protocol, no extra cost.
         rule_options: the rule's (and bucketing's) further arguments.
 
     Returns:
@@ -369,8 +415,8 @@ def robust_all_reduce(
     if authenticator is not None:
         config_text += repr(("auth", step))
     with torch.no_grad():
-        agg, meta = _agree(tensor, agg.f if agg else -1, agg, error, config_text, group)
-        nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, _SQ_NORM])]
+        agg, meta = _agree(tensor, agg.f if agg else -1, agg, error, config_text, group, tamper)
+        nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, META_SQ_NORM])]
         keep = [r for r in range(n) if r not in set(exclude) and w[r] > 0 and r not in nonfinite]
         plan = AggregationPlan(agg, n, keep, w, nonfinite, agg.next_round())
         flat = tensor.reshape(-1)
@@ -380,16 +426,16 @@ def robust_all_reduce(
             report, result = _failed_report(plan, mode, f"{len(keep)} usable ranks are too few for {agg.spec()}"), None
         else:
             if mode == "replicated":
-                report, result, mismatches, plan = replicated(plan, flat, group, judge, verify)
+                report, result, audit, plan = replicated(plan, flat, group, judge, verify)
             else:
-                report, result, mismatches, plan = sharded(plan, flat, group, judge, audited=mode == "audited",
-                                                           verify=verify)
+                report, result, audit, plan = sharded(plan, flat, group, judge, audited=mode == "audited",
+                                                      verify=verify, tamper=tamper)
             if report is None:
                 report = _failed_report(
                     plan, mode, f"after excluding ranks {plan.auth_failed} whose updates failed authentication, "
                     f"{len(plan.keep)} usable ranks are too few for {agg.spec()}")
-            elif mismatches:
-                report = _audit_failure(report, mismatches)
+            else:
+                report = _with_audit(report, audit)
         if result is None:
             tensor.zero_()
         elif result.data_ptr() != tensor.data_ptr():

@@ -18,6 +18,21 @@ Attacks (``strength`` default per kind in brackets):
   Xie et al., UAI 2020); colluding.
 * ``reward_flip`` [1]: rewards ``r -> -strength * r`` (upstream; updates untouched).
 
+Protocol-level attacks leave the update alone and make the attacker lie *inside* the robust
+all-reduce, through :func:`protocol_tamper` (a :class:`ProtocolAttack` to pass as
+``robust_all_reduce(..., tamper=...)``). The ``audited`` mode repairs or rejects each of them
+with the liar flagged; ``sharded`` trusts owners and is defeated by the first three:
+
+* ``lie_aggregate`` [1]: the attacker publishes its aggregated shard plus ``strength``.
+* ``lie_stats`` [1e3]: as an owner it publishes partial statistics in which the squared
+  norm of ``target`` (default: the lowest honest rank) is ``strength^2`` times larger, so
+  that ``target``'s norm looks blown up (framing an honest rank).
+* ``lie_vote`` [-1]: as an auditor it votes ``strength`` (accusing) when the shard it audits
+  is right, and 0 (covering up) when it is wrong; -1 is the vote that cancelled another
+  auditor's accusation when votes were summed.
+* ``bad_metadata`` [1]: its metadata row claims ``numel + strength`` elements, the other of
+  float32/float64 and ``f + 1``.
+
 Colluding attacks read the honest updates through an ``all_gather`` of every rank's update
 (``n`` times the gradient bytes: simulation only). All ranks take part whenever the attack
 is active, so nothing hangs; randomness is seeded by ``(seed, rank, step)``.
@@ -34,6 +49,8 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedgspo.distributed import all_gather_single
+from fedgspo.robust.all_reduce import META_DTYPE, META_F, META_NUMEL
+from fedgspo.robust.shard_exchange import ProtocolTamper
 
 
 class AttackConfig(BaseModel):
@@ -46,6 +63,8 @@ class AttackConfig(BaseModel):
     strength: float | None = Field(None, description="Attack parameter; None: the kind's default.")
     start_step: int = Field(0, ge=0, description="First step at which the attack is active.")
     seed: int = Field(0, description="Seed of the random attacks (gaussian, bit_flip).")
+    target: int | None = Field(
+        None, ge=0, description="Rank lie_stats frames; None: the lowest rank not in ranks.")
 
     @field_validator("kind")
     @classmethod
@@ -132,9 +151,11 @@ _LOCAL: dict[str, LocalAttack] = {
     "reward_flip": _no_op,
 }
 COLLUDING = ("alie", "ipm")
-ATTACKS: tuple[str, ...] = tuple(sorted((*_LOCAL, *COLLUDING)))
+PROTOCOL = ("lie_aggregate", "lie_vote", "lie_stats", "bad_metadata")
+ATTACKS: tuple[str, ...] = tuple(sorted((*_LOCAL, *COLLUDING, *PROTOCOL)))
 _DEFAULT_STRENGTH = {
-    "sign_flip": 1.0, "scaled": 10.0, "gaussian": 1.0, "bit_flip": 1e-3, "ipm": 0.1, "reward_flip": 1.0
+    "sign_flip": 1.0, "scaled": 10.0, "gaussian": 1.0, "bit_flip": 1e-3, "ipm": 0.1, "reward_flip": 1.0,
+    "lie_aggregate": 1.0, "lie_vote": -1.0, "lie_stats": 1e3, "bad_metadata": 1.0,
 }
 
 
@@ -155,8 +176,9 @@ def apply_attack(
     Must be called by every rank of ``group`` with the same ``cfg`` and ``step`` (colluding
     attacks run an ``all_gather`` in which every rank takes part). ``flat_grad`` must be a
     1-D floating tensor. Without ``torch.distributed`` colluding attacks raise ``ValueError``.
+    Protocol-level kinds never touch the update (see :func:`protocol_tamper`).
     """
-    if cfg is None or not cfg.active(step):
+    if cfg is None or not cfg.active(step) or cfg.kind in PROTOCOL:
         return False
     attacker = rank in cfg.ranks
     if cfg.kind in COLLUDING:
@@ -186,3 +208,59 @@ def poison_rewards(cfg: AttackConfig | None, rewards: torch.Tensor, rank: int, s
     if cfg is None or cfg.kind != "reward_flip" or not cfg.active(step) or rank not in cfg.ranks:
         return rewards
     return rewards * -strength_of(cfg, 1)
+
+
+class ProtocolAttack(ProtocolTamper):
+    """The :class:`~fedgspo.robust.shard_exchange.ProtocolTamper` of one protocol-level attack
+    (module docstring): alters only what ``kind`` lies about.
+
+    Args:
+        kind: one of :data:`PROTOCOL`. strength: the attack parameter in effect.
+        target: the rank ``lie_stats`` frames (ignored by the other kinds).
+    """
+
+    def __init__(self, kind: str, strength: float, target: int = 0) -> None:
+        if kind not in PROTOCOL:
+            raise ValueError(f"{kind!r} is not a protocol-level attack; those are: {', '.join(PROTOCOL)}")
+        self.kind, self.strength, self.target = kind, strength, target
+
+    def metadata(self, row: torch.Tensor) -> None:
+        if self.kind == "bad_metadata":
+            row[META_NUMEL] += self.strength
+            row[META_DTYPE] = 2.0 if row[META_DTYPE] == 1.0 else 1.0  # float64 <-> float32 codes
+            row[META_F] += 1.0
+
+    def aggregate(self, shard: torch.Tensor) -> None:
+        if self.kind == "lie_aggregate":
+            shard.add_(self.strength)
+
+    def statistics(self, stats: torch.Tensor) -> None:
+        if self.kind == "lie_stats":
+            n = (stats.numel() - 1) // 2
+            if self.target < n:
+                stats[n + self.target] *= self.strength**2
+
+    def vote(self, vote: float) -> float:
+        if self.kind == "lie_vote":
+            return 0.0 if vote else self.strength
+        return vote
+
+
+def protocol_tamper(
+    cfg: AttackConfig | None, rank: int, step: int, group: dist.ProcessGroup | None = None
+) -> ProtocolAttack | None:
+    """The tamper to pass as ``robust_all_reduce(..., tamper=...)`` on ``rank`` at ``step``:
+    a :class:`ProtocolAttack` when ``cfg`` is an active protocol-level attack and ``rank``
+    attacks, else None (the honest protocol). No collectives. Every rank must call it with
+    the same ``cfg``: a ``target`` outside the group raises the same ``ValueError`` on every
+    rank (before any rank enters the all-reduce).
+    """
+    if cfg is None or cfg.kind not in PROTOCOL or not cfg.active(step):
+        return None
+    n = dist.get_world_size(group) if dist.is_initialized() else 1
+    if cfg.target is not None and cfg.target >= n:
+        raise ValueError(f"lie_stats target {cfg.target} is not a rank of a group of {n}")
+    if rank not in cfg.ranks:
+        return None
+    target = cfg.target if cfg.target is not None else next(r for r in range(n + 1) if r not in cfg.ranks)
+    return ProtocolAttack(cfg.kind, strength_of(cfg, n), target)

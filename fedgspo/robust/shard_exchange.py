@@ -3,25 +3,73 @@
 Three exchanges share one contract. Given an :class:`AggregationPlan` (identical on every
 rank) and this rank's flat update, each one aggregates, hands the per-rank statistics
 (global sums of ``<x_i, a>``, ``||x_i||^2`` and ``||a||^2``) to a ``judge`` that decides
-flags, exclusions and consensus, and returns ``(verdict, result)``: ``result`` is the
-aggregated flat update, or None when the verdict is a consensus failure, plus the ranks
-whose shard failed its audit (always empty unless audited; non-empty means no result).
+flags, exclusions and consensus, and returns ``(verdict, result, audit, plan)``: ``result``
+is the aggregated flat update, or None when it is unusable; ``audit`` an
+:class:`AuditOutcome` (empty unless audited).
 
-* :func:`sharded`: ``all_to_all_single`` (rank ``j`` gets shard ``j`` of every rank), local
-  aggregation, one ``all_gather_single`` of the aggregated shards with each rank's partial
-  statistics appended as raw bytes (so detection needs no extra collective). With
-  ``audited=True`` rank ``r`` also receives and aggregates shard ``r - 1``, compares it with
-  what rank ``r - 1`` sent, and one tiny all-reduce agrees on mismatches.
+* :func:`sharded` (``audited=False``): ``all_to_all_single`` (rank ``j`` gets shard ``j`` of
+  every rank), local aggregation, one ``all_gather_single`` of the aggregated shards with
+  each rank's partial statistics appended as raw bytes (so detection needs no extra
+  collective). Rules needing whole-vector sums all-reduce their partial sums. **Owners are
+  trusted**: rank ``j`` alone computes shard ``j`` of the result *and* its partial
+  statistics, which enter every rank's distance, cosine and norm; a Byzantine owner can
+  corrupt that shard of the result and frame any rank (get it flagged).
+* :func:`sharded` (``audited=True``): see *Audit protocol* below.
 * :func:`replicated`: ``all_gather_single`` of the full updates; every rank aggregates
-  everything (no trust in other ranks' computation).
+  everything and computes every statistic itself (no trust in other ranks' computation).
 
-Both take an optional ``verify`` hook, called right after the data exchange and before any
-aggregation with what this rank sent and received (sharded: the ``(n, s)`` or ``(n, 2, s)``
-send and receive buffers; replicated: this rank's flat update and the ``(n, d)`` stack). It
-is collective and returns the senders to reject, identical on every rank; the exchange goes on
-with a plan without them (:meth:`AggregationPlan.without`), or stops with no verdict when the
-rule cannot tolerate the ranks left. Both return the plan they finished with.
-:mod:`fedgspo.robust.all_reduce` uses the hook for authenticated updates.
+Audit protocol (rank ``a`` audits shard ``o = a - 1``; its auditor is ``o + 1``, mod ``n``):
+
+1. The ``all_to_all`` gives rank ``r`` shards ``r`` and ``r - 1`` of every update.
+2. Rank ``r`` aggregates shard ``r``. Rules needing whole-vector sums *all-gather* their
+   partial sums instead of all-reducing them (each rank sums the rows locally, in rank
+   order), so every owner's contribution stays attributable.
+3. One ``all_gather`` publishes ``[shard | partial statistics]`` of every owner (as sharded).
+4. The auditor recomputes shard ``o``, its partial statistics and its contributions to the
+   whole-vector sums (replaying the recorded global sums, no collective), and votes:
+   0 if all agree with what ``o`` published (relative tolerance 1e-5 of the largest entry),
+   anything else accuses ``o``.
+5. Votes are all-gathered **per voter** (one number per rank, never summed): a rank can
+   only vote on the one shard it audits, and no vote cancels another.
+6. Only if some vote accuses, a dispute round settles every accused shard ``o`` on every
+   rank: one ``all_gather`` in which each rank re-sends its own rows of the accused shards;
+   the owner and the auditor of each accused shard then say (one tiny ``all_gather``)
+   whether the rows they had received differ from the re-sent ones (*void*: a sender gave
+   different rows to different ranks, which no third rank can attribute); every rank
+   recomputes the shard, its statistics and its contributions from the re-sent rows. Then:
+
+   * the owner's shard and statistics agree: the accusation was false, the auditor is
+     flagged (``false_accusations``) unless it was void; the step goes on;
+   * they disagree: the owner is flagged (``mismatches``) unless it was void, and its shard
+     and statistics are **replaced** by the recomputation on every rank; the step goes on
+     with the correct result;
+   * its contributions to the whole-vector sums disagree: every shard used forged sums and
+     nothing can be repaired; the step fails (``failure``), the owner flagged unless void.
+
+Guarantees, with any number ``f`` of Byzantine ranks, assuming an ``all_gather`` delivers
+the same rows to every rank: an honest rank is never flagged by the audit (its published
+shard and statistics are what every rank recomputes from the rows it received; its
+accusation is what every rank confirms); a wrong shard or wrong statistics of owner ``o``
+are caught and repaired whenever the auditor ``o + 1`` is honest, so a wrong shard passes
+only inside a run of consecutive Byzantine ranks, never for the last one of a run (at most
+``f - 1`` shards); an accusation never fails a step. Left to a Byzantine rank: forcing a
+dispute round each step (each rank then receives about ``d`` more elements per accused
+shard), escaping blame by claiming void (its shard is still repaired), choosing its own rows
+of an accused shard a second time when re-sending them (still one update under the rule's
+bound), and, with a rule needing whole-vector sums (Krum, geometric median, centered
+clipping, NNM), failing the step by forging its contribution (flagged) or by sending
+different rows to an owner and its auditor (not attributable). Coordinate-wise rules
+(median, trimmed mean, mean) have no whole-vector sums.
+
+Both exchanges take an optional ``verify`` hook, called right after the data exchange and
+before any aggregation with what this rank sent and received (sharded: the ``(n, s)`` or
+``(n, 2, s)`` send and receive buffers; replicated: this rank's flat update and the
+``(n, d)`` stack). It is collective and returns the senders to reject, identical on every
+rank; the exchange goes on with a plan without them (:meth:`AggregationPlan.without`), or
+stops with no verdict when the rule cannot tolerate the ranks left. Both return the plan they
+finished with. :mod:`fedgspo.robust.all_reduce` uses the hook for authenticated updates.
+:func:`sharded` also takes a :class:`ProtocolTamper` through which the attack simulator
+(:mod:`fedgspo.robust.attacks`) makes this rank lie inside the exchange; None costs nothing.
 
 Buffers for the exchanges are cached per shape (a few entries), so a steady training loop
 allocates nothing large per call. Failure behaviour: collectives raise whatever the backend
@@ -31,6 +79,7 @@ all-reduced or all-gathered values), so no rank waits in a collective the others
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 import dataclasses
@@ -43,6 +92,35 @@ import torch.distributed as dist
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.aggregators import Aggregator, ShardContext
 
+#: Relative tolerance (of the largest finite entry) within which an audit accepts a claim.
+AUDIT_RTOL = 1e-5
+
+
+class ProtocolTamper:
+    """What this rank publishes inside the exchange, as a Byzantine rank would alter it.
+
+    The robust all-reduce calls these hooks on the rank that holds the object (pass
+    ``tamper=`` to :func:`fedgspo.robust.all_reduce.robust_all_reduce`); each default leaves
+    the value as the honest protocol computed it, so a subclass overrides only what it lies
+    about. :class:`fedgspo.robust.attacks.ProtocolAttack` implements the simulated attacks.
+    Hooks must not call collectives.
+    """
+
+    def metadata(self, row: torch.Tensor) -> None:
+        """Alter, in place, the float64 metadata row (slots ``META_*`` of
+        :mod:`fedgspo.robust.all_reduce`) before it is all-gathered."""
+
+    def aggregate(self, shard: torch.Tensor) -> None:
+        """Alter, in place, the aggregated shard this rank publishes as its owner."""
+
+    def statistics(self, stats: torch.Tensor) -> None:
+        """Alter, in place, the float64 partial statistics this rank publishes as an owner:
+        ``[<x_i, a>]_i ++ [||x_i||^2]_i ++ [||a||^2]`` over its shard (see :func:`partial_stats`)."""
+
+    def vote(self, vote: float) -> float:
+        """The vote this rank publishes as an auditor, given its honest one (0: the audited
+        shard agrees; anything else accuses its owner)."""
+        return vote
 
 
 @dataclass
@@ -77,6 +155,33 @@ class AggregationPlan:
         return dataclasses.replace(self, keep=[r for r in self.keep if r not in rejected], auth_failed=list(rejected))
 
 
+@dataclass
+class AuditOutcome:
+    """What the audit of an exchange decided; identical on every rank, empty unless audited.
+
+    Attributes:
+        mismatches: owners whose published shard, statistics or whole-vector contributions
+            differed from every rank's recomputation (flagged).
+        false_accusations: auditors that accused a shard the recomputation confirmed (flagged).
+        disputed: shards that were accused (recomputed by every rank).
+        failure: why the result cannot be used ("" when it can): forged whole-vector sums.
+    """
+
+    mismatches: list[int] = field(default_factory=list)
+    false_accusations: list[int] = field(default_factory=list)
+    disputed: list[int] = field(default_factory=list)
+    failure: str = ""
+
+    def merge(self, other: "AuditOutcome") -> "AuditOutcome":
+        """The union of two rounds' outcomes (the first failure wins)."""
+        return AuditOutcome(
+            sorted(set(self.mismatches) | set(other.mismatches)),
+            sorted(set(self.false_accusations) | set(other.false_accusations)),
+            sorted(set(self.disputed) | set(other.disputed)),
+            self.failure or other.failure,
+        )
+
+
 class Verdict(Protocol):
     consensus_failed: bool
 
@@ -88,8 +193,8 @@ Judge = Callable[["AggregationPlan", torch.Tensor], tuple[V, list[int]]]
 #: ``verify(sent, received) -> rejected senders`` (collective; see the module docstring).
 Verify = Callable[[torch.Tensor, torch.Tensor], list[int]]
 #: What an exchange returns: the verdict (None: too few ranks left after ``verify``), the result
-#: (None unless usable), the ranks whose shard failed its audit, and the plan it finished with.
-Exchanged = tuple[V | None, torch.Tensor | None, list[int], AggregationPlan]
+#: (None unless usable), the audit's outcome, and the plan it finished with.
+Exchanged = tuple[V | None, torch.Tensor | None, AuditOutcome, AggregationPlan]
 
 
 def aggregate_rows(plan: AggregationPlan, stack: torch.Tensor, keep: list[int], ctx: ShardContext) -> torch.Tensor:
@@ -117,6 +222,71 @@ def all_reduce_sum(group: dist.ProcessGroup | None, device: torch.device) -> Cal
     return total
 
 
+class _GatheredSums:
+    """A ``sum_over_shards`` that all-gathers every rank's partial sums (instead of reducing
+    them) and adds the rows locally in rank order; records ``(rows, total)`` per call, so an
+    auditor can check one owner's contributions and replay the totals without collectives."""
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device, n: int) -> None:
+        self.group, self.device, self.n = group, device, n
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
+        t = partial.to(device=self.device, dtype=torch.float64).contiguous()
+        rows = torch.empty(self.n * t.numel(), dtype=torch.float64, device=self.device)
+        all_gather_single(rows, t.reshape(-1), group=self.group)
+        rows = rows.view(self.n, *t.shape)
+        total = rows.sum(0)
+        self.calls.append((rows, total))
+        return total
+
+
+class _Replay:
+    """A ``sum_over_shards`` that returns the totals recorded by :class:`_GatheredSums`, in
+    order, and checks that the partial sums it is given equal ``owner``'s recorded ones."""
+
+    def __init__(self, recorded: _GatheredSums, owner: int) -> None:
+        self.calls, self.owner, self.next, self.consistent = recorded.calls, owner, 0, True
+
+    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
+        if self.next >= len(self.calls):
+            self.consistent = False
+            return partial.to(torch.float64)
+        rows, total = self.calls[self.next]
+        self.next += 1
+        if not agrees(rows[self.owner], partial.to(rows.device, torch.float64)):
+            self.consistent = False
+        return total
+
+    def complete(self) -> bool:
+        """Every recorded call was replayed, each with the owner's partial sums."""
+        return self.consistent and self.next == len(self.calls)
+
+
+def agrees(claim: torch.Tensor, check: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+    """Whether ``claim`` equals the recomputed ``check`` entry by entry within :data:`AUDIT_RTOL`
+    times ``scale`` (default: the largest finite ``|check|``); equal infinities and NaN at the
+    same places agree."""
+    if claim.shape != check.shape:
+        return False
+    a, b = claim.double(), check.double()
+    if scale is None:
+        finite = b[torch.isfinite(b)].abs()
+        scale = finite.max() if finite.numel() else torch.zeros((), dtype=torch.float64, device=b.device)
+    ok = ((a - b).abs() <= AUDIT_RTOL * scale + 1e-300) | (a == b) | (a.isnan() & b.isnan())
+    return bool(ok.all())
+
+
+def stats_agree(claim: torch.Tensor, check: torch.Tensor) -> bool:
+    """:func:`agrees` for :func:`partial_stats`, each entry on its own scale: ``||x_i|| ||a||``
+    for ``<x_i, a>``, the value itself for the squared norms (one rank's huge update does not
+    widen the tolerance on the others')."""
+    n = (check.numel() - 1) // 2
+    b = check.double().abs()
+    sq, agg_sq = b[n : 2 * n], b[2 * n :]
+    return agrees(claim, check, torch.cat([(sq * agg_sq).sqrt(), sq, agg_sq]))
+
+
 _CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _CACHE_ENTRIES = 16
 
@@ -138,17 +308,23 @@ def _stats_width(n: int, dtype: torch.dtype) -> int:
 
 
 def _gather_with_stats(
-    shard: torch.Tensor, stats: torch.Tensor, group: dist.ProcessGroup | None, n: int
+    shard: torch.Tensor, stats: torch.Tensor, group: dist.ProcessGroup | None, n: int,
+    tamper: ProtocolTamper | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-gather ``[shard | stats bytes]``; returns the ``(n, s)`` shards and the summed stats."""
+    """All-gather ``[shard | stats bytes]``; returns the ``(n, s)`` shards and the ``(n, 2n + 1)``
+    float64 statistics published by each owner (``tamper`` alters this rank's before sending)."""
     s, k = shard.numel(), _stats_width(n, shard.dtype)
     send = _buffer("gather_send", s + k, shard.dtype, shard.device)
     send[:s].copy_(shard)
+    if tamper is not None:
+        stats = stats.clone()
+        tamper.statistics(stats)
     send[s:].copy_(stats.to(shard.device).view(shard.dtype))
+    if tamper is not None:
+        tamper.aggregate(send[:s])
     out = _buffer("gather_out", n * (s + k), shard.dtype, shard.device).view(n, s + k)
     all_gather_single(out.view(-1), send, group=group)
-    sums = out[:, s:].contiguous().view(torch.float64).sum(0)
-    return out[:, :s], sums.cpu()
+    return out[:, :s], out[:, s:].contiguous().view(torch.float64).cpu()
 
 
 def _send_layout(flat: torch.Tensor, n: int, s: int, audited: bool) -> torch.Tensor:
@@ -170,6 +346,14 @@ def _send_layout(flat: torch.Tensor, n: int, s: int, audited: bool) -> torch.Ten
     return pairs
 
 
+def _gather_floats(values: list[float], group: dist.ProcessGroup | None, n: int, device: torch.device) -> torch.Tensor:
+    """``(n, len(values))`` float64 rows, one per rank (a tiny ``all_gather``)."""
+    row = torch.tensor(values, dtype=torch.float64, device=device)
+    out = torch.empty(n * row.numel(), dtype=torch.float64, device=device)
+    all_gather_single(out, row, group=group)
+    return out.view(n, -1).cpu()
+
+
 def sharded(
     plan: AggregationPlan,
     flat: torch.Tensor,
@@ -177,6 +361,7 @@ def sharded(
     judge: Judge[V],
     audited: bool,
     verify: Verify | None = None,
+    tamper: ProtocolTamper | None = None,
 ) -> Exchanged[V]:
     """Sharded (optionally audited) exchange; writes the result into ``flat`` and returns it."""
     n, d = plan.n, flat.numel()
@@ -187,40 +372,124 @@ def sharded(
     if verify is not None and (rejected := verify(send, recv)):
         plan = plan.without(rejected)
         if not plan.tolerated():
-            return None, None, [], plan
-    stacks = [recv[:, 0], recv[:, 1]] if audited else [recv]
-    ctx = ShardContext(all_reduce_sum(group, flat.device), plan.round)
-    shards = [aggregate_rows(plan, st, plan.keep, ctx) for st in stacks]
-    gathered, sums = _gather_with_stats(shards[0], partial_stats(stacks[0], shards[0]), group, n)
-    verdict, keep = judge(plan, sums)
-    if verdict.consensus_failed:
-        return verdict, None, [], plan
+            return None, None, AuditOutcome(), plan
+    if audited:
+        rounds = functools.partial(_audited_round, plan, send, recv, group, tamper)
+    else:
+        ctx = ShardContext(all_reduce_sum(group, flat.device), plan.round)
+
+        def rounds(keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, AuditOutcome]:
+            shard = aggregate_rows(plan, recv, keep, ctx)
+            gathered, stats = _gather_with_stats(shard, partial_stats(recv, shard), group, n, tamper)
+            return gathered, stats, AuditOutcome()
+
+    gathered, stats, audit = rounds(plan.keep)
+    verdict, keep = judge(plan, stats.sum(0))
+    if verdict.consensus_failed or audit.failure:
+        return verdict, None, audit, plan
     if keep != plan.keep:
-        shards = [aggregate_rows(plan, st, keep, ctx) for st in stacks]
-        gathered, _ = _gather_with_stats(shards[0], partial_stats(stacks[0], shards[0]), group, n)
-    mismatches = audit_mismatches(gathered, shards[1], ctx, group) if audited else []
-    if mismatches:
-        return verdict, None, mismatches, plan
+        gathered, _, again = rounds(keep)
+        audit = audit.merge(again)
+        if audit.failure:
+            return verdict, None, audit, plan
     if d == n * s:
         flat.view(n, s).copy_(gathered)
     else:
         flat.copy_(gathered.reshape(-1)[:d])
-    return verdict, flat, [], plan
+    return verdict, flat, audit, plan
 
 
-def audit_mismatches(
-    result: torch.Tensor, check: torch.Tensor, ctx: ShardContext, group: dist.ProcessGroup | None
-) -> list[int]:
-    """Ranks whose aggregated shard differs from its auditor's recomputation (same on every rank).
+def _audited_round(
+    plan: AggregationPlan,
+    send: torch.Tensor,
+    recv: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    tamper: ProtocolTamper | None,
+    keep: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, AuditOutcome]:
+    """Steps 2-6 of the audit protocol (module docstring) for the ``keep`` rows: returns the
+    ``(n, s)`` shards and ``(n, 2n + 1)`` statistics after repairs, and the outcome."""
+    n, rank, device = plan.n, dist.get_rank(group), recv.device
+    audited = (rank - 1) % n
+    sums = _GatheredSums(group, device, n)
+    shard = aggregate_rows(plan, recv[:, 0], keep, ShardContext(sums, plan.round))
+    gathered, stats = _gather_with_stats(shard, partial_stats(recv[:, 0], shard), group, n, tamper)
+    honest = 0.0 if _claim_holds(plan, keep, recv[:, 1], sums, audited, gathered, stats) else 1.0
+    votes = _gather_floats([tamper.vote(honest) if tamper is not None else honest], group, n, device)[:, 0]
+    accused = sorted((a - 1) % n for a in range(n) if votes[a] != 0)
+    if not accused:
+        return gathered, stats, AuditOutcome()
+    return gathered, stats, _settle(plan, keep, send, recv, group, sums, accused, gathered, stats)
 
-    Rank ``r`` compares ``check`` (its own aggregation of shard ``r - 1``) with row ``r - 1``
-    of the gathered ``(n, s)`` result, at relative tolerance 1e-5.
-    """
-    n, rank = result.shape[0], dist.get_rank(group)
-    owner = (rank - 1) % n
-    mismatch = torch.zeros(n, dtype=torch.float64)
-    mismatch[owner] = float(not torch.allclose(result[owner], check, rtol=1e-5, atol=1e-7, equal_nan=True))
-    return [r for r, v in enumerate(ctx.sum_over_shards(mismatch).cpu().tolist()) if v > 0]
+
+def _recompute(
+    plan: AggregationPlan, keep: list[int], stack: torch.Tensor, sums: _GatheredSums, owner: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Shard ``owner`` and its statistics from ``stack``, replaying the recorded whole-vector
+    totals; the flag says whether ``owner``'s recorded contributions match."""
+    replay = _Replay(sums, owner)
+    shard = aggregate_rows(plan, stack, keep, ShardContext(replay, plan.round))
+    return shard, partial_stats(stack, shard), replay.complete()
+
+
+def _claim_holds(
+    plan: AggregationPlan, keep: list[int], stack: torch.Tensor, sums: _GatheredSums, owner: int,
+    gathered: torch.Tensor, stats: torch.Tensor,
+) -> bool:
+    shard, shard_stats, contributions = _recompute(plan, keep, stack, sums, owner)
+    return contributions and agrees(gathered[owner], shard) and stats_agree(stats[owner], shard_stats.cpu())
+
+
+def _settle(
+    plan: AggregationPlan,
+    keep: list[int],
+    send: torch.Tensor,
+    recv: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    sums: _GatheredSums,
+    accused: list[int],
+    gathered: torch.Tensor,
+    stats: torch.Tensor,
+) -> AuditOutcome:
+    """Step 6 of the audit protocol: every rank recomputes the ``accused`` shards from rows
+    their senders re-send, repairs ``gathered`` and ``stats`` in place and assigns blame."""
+    n, rank, device = plan.n, dist.get_rank(group), recv.device
+    s = recv.shape[-1]
+    mine = send[:, 0].index_select(0, torch.tensor(accused, device=device)).contiguous()
+    resent = torch.empty(n * mine.numel(), dtype=mine.dtype, device=device)
+    all_gather_single(resent, mine.view(-1), group=group)
+    stacks = resent.view(n, len(accused), s)
+    rows = torch.tensor(keep, device=device)
+
+    def fed_other_rows(held: torch.Tensor, k: int) -> float:
+        return float(not torch.equal(held.index_select(0, rows), stacks[:, k].index_select(0, rows)))
+
+    void = [0.0, 0.0]  # [as the owner, as the auditor] of an accused shard
+    if rank in accused:
+        void[0] = fed_other_rows(recv[:, 0], accused.index(rank))
+    if (rank - 1) % n in accused:
+        void[1] = fed_other_rows(recv[:, 1], accused.index((rank - 1) % n))
+    voids = _gather_floats(void, group, n, device) != 0
+    outcome = AuditOutcome(disputed=list(accused))
+    for k, owner in enumerate(accused):
+        auditor = (owner + 1) % n
+        shard, shard_stats, contributions = _recompute(plan, keep, stacks[:, k], sums, owner)
+        shard_stats = shard_stats.cpu()
+        if contributions and agrees(gathered[owner], shard) and stats_agree(stats[owner], shard_stats):
+            if not voids[auditor, 1]:
+                outcome.false_accusations.append(auditor)
+            continue
+        if not voids[owner, 0]:
+            outcome.mismatches.append(owner)
+        if not contributions:
+            outcome.failure = outcome.failure or (
+                f"rank {owner}'s contributions to the whole-vector sums of {plan.agg.spec()} differ from "
+                "the recomputation; every shard used them")
+        gathered[owner].copy_(shard)
+        stats[owner].copy_(shard_stats)
+    outcome.mismatches.sort()
+    outcome.false_accusations.sort()
+    return outcome
 
 
 def replicated(
@@ -238,12 +507,12 @@ def replicated(
     if verify is not None and (rejected := verify(flat, stack)):
         plan = plan.without(rejected)
         if not plan.tolerated():
-            return None, None, [], plan
+            return None, None, AuditOutcome(), plan
     ctx = ShardContext(round=plan.round)
     agg = aggregate_rows(plan, stack, plan.keep, ctx)
     verdict, keep = judge(plan, partial_stats(stack, agg).cpu())
     if verdict.consensus_failed:
-        return verdict, None, [], plan
+        return verdict, None, AuditOutcome(), plan
     if keep != plan.keep:
         agg = aggregate_rows(plan, stack, keep, ctx)
-    return verdict, agg, [], plan
+    return verdict, agg, AuditOutcome(), plan
