@@ -58,7 +58,17 @@ from fedgspo.gspo.loss import GSPOStats, backward_in_micro_batches, group_advant
 from fedgspo.gspo.model import ModelError, autocast, build_model, load_policy, trainable_numel, weights_sha256
 from fedgspo.gspo.rollout import Rollout, completion_logps, generate
 from fedgspo.gspo.task import PromptBatch
-from fedgspo.integrity.audit import CHECKPOINT, CHECKPOINT_SKIPPED, DETECTION, HOT_SWAP, PROOF_FAILURE, QUARANTINE, RESUME
+from fedgspo.integrity.audit import (
+    CHECKPOINT,
+    CHECKPOINT_SKIPPED,
+    DETECTION,
+    HOT_SWAP,
+    PROOF_FAILURE,
+    QUARANTINE,
+    RELEASE,
+    REQUEST_REJECTED,
+    RESUME,
+)
 from fedgspo.integrity.auth import AuthError, UpdateAuthenticator, load_keyring, poll_requests
 from fedgspo.integrity.proof import RolloutClaim, build_proofs, cross_verify
 from fedgspo.pipeline import load_pipeline, run_pipeline
@@ -308,10 +318,8 @@ class Trainer:
         for request in poll_requests(self.recorder.inbox, step):
             if request.action == "stop":
                 self.stop_requested = True
-            elif request.action == "quarantine":
-                rank = int(request.args["rank"])
-                self.reputation.ranks[rank].quarantined = True
-                self.recorder.audit(QUARANTINE, {"subject_rank": rank, "by": "operator"}, step=step, rank=rank)
+            elif request.action in ("quarantine", "release"):
+                self.hold_or_release(request.action, request.args.get("rank"), step)
             elif request.action == "hotswap":
                 for slot, name in request.args["swaps"].items():
                     self.swapper.request(slot, name)
@@ -321,6 +329,19 @@ class Trainer:
             self.recorder.say(f"step {step}: hot swap {swaps}")
         if "aggregator" in swaps:
             self.use_rule(swaps["aggregator"])
+
+    def hold_or_release(self, action: str, rank: object, step: int) -> None:
+        """An operator's quarantine (held until released) or release of ``rank``; a rank outside
+        the world is rejected and audited, never applied."""
+        try:
+            (self.reputation.hold if action == "quarantine" else self.reputation.release)(rank)
+        except ValueError as err:
+            self.recorder.audit(REQUEST_REJECTED, {"action": action, "reason": str(err)}, step=step)
+            self.recorder.say(f"step {step}: operator {action} rejected: {err}")
+            return
+        self.recorder.audit(QUARANTINE if action == "quarantine" else RELEASE,
+                            {"subject_rank": rank, "by": "operator"}, step=step, rank=rank)
+        self.recorder.say(f"step {step}: operator {action} of rank {rank}")
 
     def use_rule(self, name: str) -> None:
         """Aggregate with rule ``name`` from now on (hot swap, resume); the run's entities follow."""

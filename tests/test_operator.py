@@ -75,3 +75,40 @@ def test_rule_hot_swap_versions_the_run_and_its_detector(tmp_path):
         assert detector.run_id == run_entity.lineage_id
     finally:
         registry.close()
+
+
+def test_operator_quarantine_holds_until_released_and_bad_ranks_are_rejected(tmp_path):
+    key_file, admin = _keys(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_request(run, admin, "quarantine", {"rank": 0})
+    write_request(run, admin, "quarantine", {"rank": 7})  # outside the world: rejected, not a crash
+    assert main([f"run.dir={run}", f"security.key_file={key_file}", "train.max_steps=30",
+                 "aggregation.reputation.rehabilitate_after=3", *FAST]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    (rep,) = summary["reputation"]
+    assert rep["quarantined"] and rep["held"]  # 28 clean steps did not release it
+    audit = [json.loads(line) for line in (run / "audit.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "quarantine" and r["payload"].get("by") == "operator" for r in audit)
+    assert any(r["kind"] == "request_rejected" and "outside" in r["payload"].get("reason", "") for r in audit)
+
+
+def test_release_lifts_a_held_quarantine():
+    from fedgspo.robust.reputation import ReputationConfig, ReputationTracker
+    from fedgspo.robust.all_reduce import RobustReport
+
+    tracker = ReputationTracker(3, ReputationConfig(rehabilitate_after=2))
+    tracker.hold(1)
+    clean = RobustReport([0.0] * 3, [0.0] * 3, [])
+    for _ in range(5):
+        tracker.update(clean)
+    assert tracker.quarantined() == [1]
+    tracker.release(1)
+    tracker.update(clean)
+    assert tracker.quarantined() == []
+    for bad in (3, -1, True, "1"):
+        try:
+            tracker.hold(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"hold({bad!r}) accepted")

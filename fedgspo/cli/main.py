@@ -11,7 +11,7 @@ at the next step boundary)::
     fedgspo keygen --ranks 4 --out keys.json [--split DIR]
     fedgspo hotswap RUN slot=name [slot=name ...] --keys keys.json
     fedgspo stop RUN --keys keys.json
-    fedgspo quarantine RUN RANK --keys keys.json
+    fedgspo quarantine RUN RANK --keys keys.json     # held until: fedgspo release RUN RANK --keys keys.json
 
 Reading run directories (``runs/`` by default)::
 
@@ -42,11 +42,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from fedgspo.integrity.audit import AUDIT_FILE, AuditError, verify_audit_log
+from fedgspo.integrity.audit import AUDIT_FILE, RUN_START, AuditError, verify_audit_log
 from fedgspo.integrity.auth import AuthError, generate_keyring, load_keyring, write_keyring, write_request
 from fedgspo.checkpoint import CHECKPOINTS, MANIFEST, CheckpointError, verify_checkpoint
 from fedgspo.cli.lineage import render_dot, render_png, render_text
 from fedgspo.cli.rundir import (
+    audit_records,
     STALE_AFTER_S,
     RunDirError,
     RunInfo,
@@ -218,16 +219,29 @@ def _configure_stop(parser: argparse.ArgumentParser) -> Runner:
     return lambda args: _send(args, "stop", {})
 
 
-@command("quarantine", "ask a running job to quarantine a rank (weight 0, still monitored)")
-def _configure_quarantine(parser: argparse.ArgumentParser) -> Runner:
-    _request_parser(parser)
-    parser.add_argument("rank", type=int)
+def _rank_request(action: str) -> Callable[[argparse.ArgumentParser], Runner]:
+    def configure(parser: argparse.ArgumentParser) -> Runner:
+        _request_parser(parser)
+        parser.add_argument("rank", type=int)
 
-    def run(args: argparse.Namespace) -> int:
-        if args.rank < 0:
-            raise UsageError(f"rank must be >= 0, got {args.rank}")
-        return _send(args, "quarantine", {"rank": args.rank})
-    return run
+        def run(args: argparse.Namespace) -> int:
+            world = _world_size(args.run_dir)
+            if args.rank < 0 or (world is not None and args.rank >= world):
+                raise UsageError(f"rank {args.rank} is outside 0..{world - 1 if world else 'n-1'} of {args.run_dir}")
+            return _send(args, action, {"rank": args.rank})
+        return run
+    return configure
+
+
+def _world_size(run_dir: Path) -> int | None:
+    """The run's world size from its audit log (the latest start), if it has started."""
+    starts = audit_records(run_dir, RUN_START) if run_dir.is_dir() else []
+    return int(starts[-1]["payload"]["world_size"]) if starts else None
+
+
+command("quarantine", "ask a running job to quarantine a rank until released (weight 0, still monitored)")(
+    _rank_request("quarantine"))
+command("release", "ask a running job to release a rank an operator quarantined")(_rank_request("release"))
 
 
 # -- run directories -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ A forged update (wrong bytes), a replayed one (an old step) and a swapped one (a
 tag, or a tag meant for another receiver) fail to verify. The update bytes are hashed once
 through a ``memoryview`` of the tensor's numpy view, without copies (CPU, contiguous).
 
-Operator requests. ``fedgspo hotswap|stop|quarantine RUN ...`` writes
+Operator requests. ``fedgspo hotswap|stop|quarantine|release RUN ...`` writes
 ``RUN/requests/<ns>-<nonce>.json`` signed with the admin key; the trainer's rank 0 polls them
 at step boundaries with :class:`RequestInbox`, which rejects (and audits) unsigned, badly
 signed, stale and replayed requests.
@@ -48,7 +48,7 @@ KEY_BYTES = 32
 TAG_BYTES = 32
 KEY_FORMAT = 1
 REQUESTS = runfiles.REQUESTS
-ACTIONS = ("hotswap", "stop", "quarantine")
+ACTIONS = ("hotswap", "stop", "quarantine", "release")
 _DOMAIN = b"fedgspo-update-v1"
 _FULL, _SHARD = 0, 1
 

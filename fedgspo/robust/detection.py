@@ -2,51 +2,55 @@
 
 For every rank ``i`` the robust all-reduce measures, exactly and at the cost of one tiny
 all-reduce, the distance ``||x_i - a||`` to the aggregate ``a``, the cosine of ``x_i`` to
-``a`` and the norm ``||x_i||``. Each statistic is turned into robust z-scores across ranks
-(median and MAD, scaled by 0.6745 so that z ~ N(0, 1) for Gaussian data; distances and norms
-on a log scale) and a rank is flagged when it could pull the aggregate:
+``a`` and the norm ``||x_i||``. Each statistic is turned into robust z-scores across ranks,
+``z = 0.6745 (v - median) / max(MAD, floor)`` (so that z ~ N(0, 1) for Gaussian data;
+distances and norms on a log scale, which makes every test scale-free), and a rank is flagged
+when it could pull the aggregate:
 
 * any of its statistics is NaN/Inf (always flagged);
 * its log-norm z-score is above ``threshold`` (blown up; one-sided: a small or zero update
   is harmless to a robust rule and is never flagged);
 * its log-distance z-score is above ``threshold`` (far from the aggregate; one-sided);
-* its cosine is below the absolute bound ``cosine_bound`` (opposes the aggregate), or its
-  cosine z-score is below ``-threshold``.
+* its cosine is below the absolute bound ``cosine_bound`` (opposes the aggregate);
+* its cosine z-score is below ``-threshold`` (points elsewhere than the others).
 
-MAD floors keep z-scores meaningful when honest ranks agree closely: ``log_floor`` for log
-norms/distances, ``cosine_floor`` for cosines. With the defaults (threshold 3.5, log_floor
-0.85) a norm is flagged only once it is at least ``exp(3.5 * 0.85 / 0.6745) ~ 80`` times the
-median norm (more when the honest spread is wider).
+The distance and cosine z-tests skip a rank whose log-norm z-score is below ``-threshold``:
+a (nearly) zero update is far from the aggregate and has cosine ~0 whatever it was, and it
+cannot pull a robust aggregate. The absolute cosine bound still applies to it.
 
-Calibration (``benchmarks/detection_calibration.py``; JSON in
-``benchmarks/results/detection_calibration.json``): real GSPO gradients of the default tiny
-policy and task, n = 8 simulated ranks, 30 steps per setting, prompts_per_rank 2 and 8, at the
-initial weights and after 150 Adam steps (mean reward 0.17 -> 0.54), coordinate median and
-trimmed mean, f = 1 and 2 attackers. Honest ranks are far more heterogeneous than Gaussian
-models suggest: the cosine to the aggregate has median 0.25-0.47 and reaches -0.66 (1 %
-quantile -0.42 with prompts_per_rank 2 after training); the norm relative to the step's
-median norm reaches 35x (99 % quantile 25x) with prompts_per_rank 2 after training, 6x with 8
-prompts. The previous rule (two-sided norm z, cosine MAD floor 0.05, log floor 0.1) flagged
-0.35-0.52 honest ranks per clean step. The defaults here flag none in all four settings,
-while nan, gaussian (N(0, 1), ~360x the honest norm) and bit_flip are caught with recall 1.0
-and precision 1.0 (no honest rank flagged in attacked steps either). Not separable from
-honest ranks with these statistics at n = 8: ``scaled`` x10 (honest ranks reach 35x),
-``sign_flip`` (a flipped noisy update keeps a cosine within the honest range, partly because
-the aggregate it is compared with includes it) and, by design, ALIE; IPM is caught 34-94 %
-of the time by the cosine bound. Lowering ``log_floor`` to 0.3 catches 93-100 % of ``scaled``
-attacks at the cost of 0.07-0.17 false flags per clean step after training (see the JSON).
-``zero`` is deliberately never flagged per step.
+**Adaptive floors.** With 8 ranks a MAD rests on four or five values, so it can be small by
+chance while an honest rank lies far out (honest GSPO gradients of small batches are heavy
+tailed). The MAD floors guard against that, and they follow the honest cluster of the same
+call. The *cluster spread* ``S`` is the largest of the MADs of the log norms, the log
+distances and the cosines over the regular ranks (finite statistics, norm above the
+``_log`` clamp, i.e. not a zero update); it is measured only when the regular ranks are a
+strict majority, and is at least ``MIN_SPREAD`` (float rounding). The floors are then
+
+    log floor    = min(log_floor,    spread_factor * S)
+    cosine floor = min(cosine_floor, spread_factor * S)
+
+so a rank is flagged only once it deviates by ``threshold * spread_factor / 0.6745`` (~41
+with the defaults) times the spread of the cluster on some statistic, and never more easily
+than with the constant caps ``log_floor`` / ``cosine_floor`` (a norm at least ~80 times the
+median norm). Taking the largest of three MADs protects against one of them being small by
+chance. When the honest ranks agree closely (large batches, large models: every statistic
+of an update of dimension ``d`` with isotropic noise varies by ~``1/sqrt(d)``), ``S`` is
+small and an update scaled by 10, a flipped update or Gaussian noise at a few times the
+honest norm is hundreds of spreads away. When they do not (tiny-batch GSPO gradients, whose
+norms differ by 35x within one step), ``spread_factor * S`` exceeds the caps and the
+constant floors, calibrated on real gradients, apply. There is no warm-up and no state: the
+floors are set from the statistics of the call itself, from the first call on;
+``spread_factor=None`` turns the adaptation off.
+
+Calibration and measured precision, recall and false flags per clean step for both kinds of
+cluster: ``benchmarks/detection_calibration.py``, ``benchmarks/detection.py`` and the
+detection section of ``benchmarks/README.md``. ``zero`` is deliberately never flagged per step.
 
 **Across steps** (:class:`PersistentDeviation`): an attacker that repeats itself is found by
 its averages even when each single step is within the honest spread. Per rank it keeps an EMA
 of the cosine to the aggregate and of the log norm relative to the step's median log norm,
 and flags ranks whose EMA is a robust outlier among the ranks' EMAs (the honest EMAs
-concentrate as noise averages out). On the calibration statistics above (EMA decay 0.95,
-threshold 3.5, 10 warm-up steps), ``scaled`` x10 is flagged in every step after warm-up
-with precision 1.0 in all four settings, with 0 false flags per clean step; ``sign_flip`` in
-one setting only (8 prompts per rank, initial weights): elsewhere the flipped updates keep a
-positive mean cosine (+0.2 to +0.4), because each update is mostly noise and the aggregate
-it is compared with includes it.
+concentrate as noise averages out), after a warm-up of ``warmup`` steps per rank.
 """
 
 from __future__ import annotations
@@ -66,6 +70,10 @@ LOG_FLOOR = 0.85
 COSINE_FLOOR = 0.3
 #: Cosines below this are flagged whatever the others (calibration: benchmarks/detection_calibration.py).
 COSINE_BOUND = -0.8
+#: Adaptive MAD floors are this many cluster spreads (module docstring; None turns it off).
+SPREAD_FACTOR = 8.0
+#: Smallest cluster spread: relative rounding of norms of float32 updates summed in float64.
+MIN_SPREAD = 1e-6
 
 
 @dataclass(frozen=True)
@@ -79,12 +87,17 @@ class RankStatistics:
 
 @dataclass(frozen=True)
 class Detection:
-    """Robust z-scores of each statistic and the flagged ranks (sorted)."""
+    """Robust z-scores of each statistic, the flagged ranks (sorted) and the cluster spread.
+
+    ``spread`` is the cluster spread ``S`` the floors were derived from (module docstring);
+    ``None`` when the floors were the constant caps (adaptation off, or no regular majority).
+    """
 
     z_distance: list[float]
     z_cosine: list[float]
     z_norm: list[float]
     flagged: list[int]
+    spread: float | None = None
 
 
 def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm: float) -> RankStatistics:
@@ -129,6 +142,37 @@ def _log(values: list[float]) -> list[float]:
     return [math.log(max(v, floor)) if math.isfinite(v) else math.nan for v in values]
 
 
+def _mad(values: list[float]) -> float:
+    med = statistics.median(values)
+    return statistics.median(abs(v - med) for v in values)
+
+
+def cluster_spread(stats: RankStatistics) -> float | None:
+    """The spread ``S`` of the ranks' cluster: the largest MAD of log norms, log distances, cosines.
+
+    Over the regular ranks only: finite statistics and a norm above ``_log``'s clamp (1e-3 x
+    the median positive norm), so a group of zero updates (equal rewards everywhere) does not
+    pass for a tight cluster. ``None`` when the regular ranks are not a strict majority (the
+    cluster is then undefined and callers keep constant floors); otherwise at least
+    ``MIN_SPREAD``. Invariant under scaling every update by the same positive constant.
+    """
+    n = len(stats.norms)
+    log_norms, log_distances = _log(stats.norms), _log(stats.distances)
+    positive = [v for v in stats.norms if math.isfinite(v) and v > 0]
+    if not positive:
+        return None
+    clamp = 1e-3 * statistics.median(positive)
+    regular = [
+        i for i in range(n)
+        if math.isfinite(log_distances[i]) and math.isfinite(stats.cosines[i])
+        and math.isfinite(stats.norms[i]) and stats.norms[i] > clamp
+    ]
+    if len(regular) < n // 2 + 1:
+        return None
+    spreads = (_mad([v[i] for i in regular]) for v in (log_norms, log_distances, stats.cosines))
+    return max(MIN_SPREAD, *spreads)
+
+
 def detect(
     stats: RankStatistics,
     threshold: float = DEFAULT_THRESHOLD,
@@ -136,28 +180,37 @@ def detect(
     cosine_floor: float = COSINE_FLOOR,
     cosine_bound: float = COSINE_BOUND,
     use_distance: bool = True,
+    spread_factor: float | None = SPREAD_FACTOR,
 ) -> Detection:
     """Flag ranks that could pull the aggregate, or are nonfinite (rules: module docstring).
 
-    ``z_norm`` and ``z_distance`` are robust z-scores of the log norms / log distances
-    (MAD at least ``log_floor``), ``z_cosine`` of the cosines (MAD at least ``cosine_floor``).
-    Flagged: any nonfinite statistic; ``z_norm > threshold``; ``z_distance > threshold``
-    (with ``use_distance``); ``cosine < cosine_bound``; ``z_cosine < -threshold``. Low norms
-    and distances are never flagged.
+    ``z_norm`` and ``z_distance`` are robust z-scores of the log norms / log distances,
+    ``z_cosine`` of the cosines. Their MAD floors are ``min(log_floor, spread_factor * S)``
+    and ``min(cosine_floor, spread_factor * S)`` with ``S = cluster_spread(stats)``; the
+    caps alone when ``spread_factor`` is None or ``S`` is None. Flagged: any nonfinite
+    statistic; ``z_norm > threshold``; ``cosine < cosine_bound``; and, unless ``z_norm <
+    -threshold`` (a negligible update), ``z_distance > threshold`` (with ``use_distance``)
+    or ``z_cosine < -threshold``. Low norms and distances are never flagged. Pure function
+    of ``stats``: every rank computes the same flags from the same statistics.
     """
+    spread = cluster_spread(stats) if spread_factor is not None else None
+    if spread is not None:
+        log_floor = min(log_floor, spread_factor * spread)
+        cosine_floor = min(cosine_floor, spread_factor * spread)
     z_d = robust_z(_log(stats.distances), floor=log_floor)
     z_n = robust_z(_log(stats.norms), floor=log_floor)
     z_c = robust_z(stats.cosines, floor=cosine_floor)
-    flagged = [
-        i
-        for i in range(len(stats.distances))
-        if not all(math.isfinite(v) for v in (z_d[i], z_n[i], z_c[i], stats.cosines[i]))
-        or z_n[i] > threshold
-        or (use_distance and z_d[i] > threshold)
-        or stats.cosines[i] < cosine_bound
-        or z_c[i] < -threshold
-    ]
-    return Detection(z_d, z_c, z_n, flagged)
+
+    def suspicious(i: int) -> bool:
+        if not all(math.isfinite(v) for v in (z_d[i], z_n[i], z_c[i], stats.cosines[i])):
+            return True
+        if z_n[i] > threshold or stats.cosines[i] < cosine_bound:
+            return True
+        negligible = z_n[i] < -threshold
+        return not negligible and ((use_distance and z_d[i] > threshold) or z_c[i] < -threshold)
+
+    flagged = [i for i in range(len(stats.distances)) if suspicious(i)]
+    return Detection(z_d, z_c, z_n, flagged, spread)
 
 
 class PersistentDeviation:

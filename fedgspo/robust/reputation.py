@@ -75,6 +75,7 @@ class RankReputation(BaseModel):
     recent: list[bool] = Field(default_factory=list, description="Flag history, newest last, at most `window`.")
     quarantined: bool = False
     quarantines: int = Field(0, ge=0, description="Times quarantined.")
+    held: bool = Field(False, description="Quarantined by an operator: stays so until an operator releases it.")
 
 
 class ReputationTracker:
@@ -129,13 +130,33 @@ class ReputationTracker:
             rep.trust = cfg.decay * rep.trust + (1 - cfg.decay) * (0.0 if bad else 1.0)
             rep.recent = (rep.recent + [bad])[-cfg.window :]
             rep.consecutive_clean = 0 if bad else rep.consecutive_clean + 1
-            if rep.quarantined and rep.consecutive_clean >= cfg.rehabilitate_after:
+            if rep.quarantined and not rep.held and rep.consecutive_clean >= cfg.rehabilitate_after:
                 rep.quarantined = False
                 rep.recent = []
             elif not rep.quarantined and sum(rep.recent) >= cfg.quarantine_after:
                 rep.quarantined = True
                 rep.quarantines += 1
         return sorted(flagged)
+
+    def hold(self, rank: int) -> None:
+        """Quarantine ``rank`` on an operator's word until :meth:`release` (clean steps do not
+        release it). ``ValueError`` for a rank outside the world."""
+        rep = self._rank(rank)
+        if not rep.quarantined:
+            rep.quarantines += 1
+        rep.quarantined = rep.held = True
+
+    def release(self, rank: int) -> None:
+        """Lift an operator's (or the tracker's) quarantine of ``rank``; its flag history starts
+        afresh. ``ValueError`` for a rank outside the world."""
+        rep = self._rank(rank)
+        rep.quarantined = rep.held = False
+        rep.recent, rep.consecutive_clean = [], 0
+
+    def _rank(self, rank: int) -> RankReputation:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < len(self.ranks):
+            raise ValueError(f"rank {rank!r} is outside 0..{len(self.ranks) - 1}")
+        return self.ranks[rank]
 
     def quarantined(self) -> list[int]:
         """Ranks currently quarantined (pass as ``exclude=`` to the robust all-reduce)."""
