@@ -46,7 +46,7 @@ class RunConfig(_Section):
     dir: Path | None = Field(None, description="Run directory; default: runs/<name>.")
     log_every: int = Field(50, gt=0, description="Steps between console summaries.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
-    progress_bar: bool = Field(True, description="Show a progress bar on rank 0.")
+    progress_bar: bool = Field(True, description="Show a progress bar on rank 0 when stderr is a terminal.")
 
 
 class GSPOConfig(_Section):

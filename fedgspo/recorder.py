@@ -93,8 +93,8 @@ class Recorder:
         self.book.rule_changed(rule, f)
 
     def finish(self, model: torch.nn.Module, *, tokenizer: Any, merge_lora: bool, steps: int, first_step: int,
-               seconds: float, weights_per_rank: list[str], world_size: int, reputation: list[dict[str, Any]],
-               reputations: list[Any]) -> dict[str, Any]:
+               seconds: float, weights_per_rank: list[str], world_size: int, rule: str, f: int,
+               reputation: list[dict[str, Any]], reputations: list[Any]) -> dict[str, Any]:
         """Write the final checkpoint (a directory transformers loads, with ``tokenizer``
         beside the weights when there is one) and ``summary.json``, close the run's entities;
         returns the summary."""
@@ -111,7 +111,7 @@ class Recorder:
         self.book.finish("completed", weights, step=steps, reputations=reputations)
         self.audit(RUN_END, {"weights_sha256": weights, "final_checkpoint": str(final)}, step=steps)
         summary = {
-            "steps": steps, "world_size": world_size, "resumed_at": first_step,
+            "steps": steps, "world_size": world_size, "rule": rule, "f": f, "resumed_at": first_step,
             "reward_first10": first, "reward_last10": last, "weights_sha256": weights,
             "weights_sha256_per_rank": weights_per_rank, "final_checkpoint": str(final),
             "config_sha256": self.cfg.digest(), "seconds": seconds, "reputation": reputation,

@@ -434,8 +434,10 @@ class Trainer:
         cfg = self.cfg
         first = self.resume()
         self.start(first)
+        # A bar only where a person watches: a log file (SLURM, CI, > run.log) gets the console
+        # lines every run.log_every steps and no carriage-return frames.
         bar = tqdm(total=cfg.train.max_steps, initial=first, desc="gspo", dynamic_ncols=True,
-                   disable=not (self.ctx.is_main and cfg.run.progress_bar))
+                   disable=not (self.ctx.is_main and cfg.run.progress_bar and sys.stderr.isatty()))
         history: list[dict] = []
         for step in range(first, cfg.train.max_steps):
             self.step = step
@@ -522,6 +524,7 @@ class Trainer:
         self.summary = self.recorder.finish(
             self.model, tokenizer=self.tokenizer, merge_lora=self.cfg.checkpoint.final_lora == "merged",
             steps=first_step + len(history), first_step=first_step, world_size=self.ctx.world_size,
+            rule=self.aggregator.spec(), f=self.aggregator.f,
             seconds=sum(r["step_time_s"] for r in history), weights_per_rank=per_rank,
             reputation=self.reputation.state_dict()["ranks"], reputations=self.reputation.ranks)
 

@@ -140,3 +140,20 @@ def test_kl_to_the_starting_policy_is_logged_when_beta_is_set(tmp_path):
     kls = [r["kl"] for r in read_metrics(run)]
     assert kls[0] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert max(kls) > 0.0
+
+
+@pytest.mark.slow
+def test_readme_first_run_tolerates_a_byzantine_rank_and_logs_plainly(tmp_path):
+    """The README's first command in small form: 4 ranks, defaults. Its summary has f >= 1, and
+    with stderr going to a file there is no progress-bar frame in it."""
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           "-m", "fedgspo.train", f"run.dir={run}", "train.max_steps=8", "run.log_every=4"]
+    with log.open("w") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["f"] >= 1 and summary["rule"] == "trimmed_mean(f=1)"
+    assert "\r" not in text
+    assert sum(line.startswith("step ") for line in text.splitlines()) == 2

@@ -269,6 +269,8 @@ def agrees(claim: torch.Tensor, check: torch.Tensor, scale: torch.Tensor | None 
     same places agree."""
     if claim.shape != check.shape:
         return False
+    if torch.equal(claim, check):
+        return True
     a, b = claim.double(), check.double()
     if scale is None:
         finite = b[torch.isfinite(b)].abs()
