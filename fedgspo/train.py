@@ -75,7 +75,7 @@ from fedgspo.pipeline import load_pipeline, run_pipeline
 from fedgspo.preflight import Prepared, prepare
 from fedgspo.recorder import open_recorder
 from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
-from fedgspo.robust.attacks import apply_attack, poison_rewards
+from fedgspo.robust.attacks import apply_attack, poison_rewards, protocol_tamper
 from fedgspo.robust.reputation import ReputationTracker
 from fedgspo.runfiles import RunFiles, sha256_file
 from fedgspo.swappable import build_swapper, current_reward
@@ -284,7 +284,8 @@ class Trainer:
         report = robust_all_reduce(
             self.grads.buffer, self.aggregator, **agg.all_reduce_kwargs(),
             weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed,
-            authenticator=self.authenticator, step=step if self.authenticator else None)
+            authenticator=self.authenticator, step=step if self.authenticator else None,
+            tamper=protocol_tamper(self.attack, self.ctx.rank, step))
         self.recorder.audit_auth_failures(report.auth_failed, step=step, mode=report.mode)
         measured = set(report.flagged) | set(self.proof_failed)
         was_quarantined = set(self.reputation.quarantined())

@@ -36,3 +36,21 @@ def test_attack_preset_runs_on_four_ranks_and_flags_an_overt_attacker(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6
     assert any(3 in r["flagged"] for r in records), [r["flagged"] for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lie_aggregate", "lie_vote"])
+def test_protocol_liar_in_audited_training_is_flagged_and_weights_agree(tmp_path, kind):
+    """A rank lying inside the exchange of a real run: audited mode flags it, flags no honest
+    rank, and every rank ends with the same weights."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           "-m", "fedgspo.train", "--config", str(PRESETS["sign_flip"]), f"run.dir={run}",
+           "train.max_steps=4", "run.tensorboard=false", "bookkeeping.enabled=false",
+           "aggregation.mode=audited", f"attack.kind={kind}", "proof.rate=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["flagged"] == [3] for r in records), [r["flagged"] for r in records]
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(set(summary["weights_sha256_per_rank"])) == 1

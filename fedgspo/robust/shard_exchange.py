@@ -27,8 +27,8 @@ Audit protocol (rank ``a`` audits shard ``o = a - 1``; its auditor is ``o + 1``,
 3. One ``all_gather`` publishes ``[shard | partial statistics]`` of every owner (as sharded).
 4. The auditor recomputes shard ``o``, its partial statistics and its contributions to the
    whole-vector sums (replaying the recorded global sums, no collective), and votes:
-   0 if all agree with what ``o`` published (relative tolerance 1e-5 of the largest entry),
-   anything else accuses ``o``.
+   0 if all agree with what ``o`` published (each entry within :data:`AUDIT_RTOL` of its
+   scale: :func:`agrees`, :func:`stats_agree`), anything else accuses ``o``.
 5. Votes are all-gathered **per voter** (one number per rank, never summed): a rank can
    only vote on the one shard it audits, and no vote cancels another.
 6. Only if some vote accuses, a dispute round settles every accused shard ``o`` on every
@@ -52,7 +52,7 @@ shard and statistics are what every rank recomputes from the rows it received; i
 accusation is what every rank confirms); a wrong shard or wrong statistics of owner ``o``
 are caught and repaired whenever the auditor ``o + 1`` is honest, so a wrong shard passes
 only inside a run of consecutive Byzantine ranks, never for the last one of a run (at most
-``f - 1`` shards); an accusation never fails a step. Left to a Byzantine rank: forcing a
+``f - 1`` shards); a false accusation never fails a step. Left to a Byzantine rank: forcing a
 dispute round each step (each rank then receives about ``d`` more elements per accused
 shard), escaping blame by claiming void (its shard is still repaired), choosing its own rows
 of an accused shard a second time when re-sending them (still one update under the rule's
