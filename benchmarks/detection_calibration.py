@@ -11,7 +11,9 @@ after ``--train-steps`` Adam steps on the mean gradient of the 8 ranks) and each
    ``mean - z * std`` and IPM as ``-0.1 * mean`` of the honest rows), aggregates the finite
    rows with the coordinate median and the trimmed mean (both with that ``f``), and stores
    the per-rank statistics exactly as :mod:`fedgspo.robust.all_reduce` computes them (float64 sums);
-3. evaluates candidate detection rules on the cached statistics: false flags per clean step,
+3. evaluates candidate detection rules (among them the adaptive floors' ``spread_factor``:
+   how low it can go before honest ranks of these heterogeneous clusters get flagged) on the
+   cached statistics: false flags per clean step,
    and per attack recall (attacker rows flagged) and precision (flagged rows that attack),
    plus how often more than ``f`` ranks get flagged (a consensus failure in robust.py).
 
@@ -239,7 +241,10 @@ def honest_summary(data: dict) -> dict:
 
 RULES = [
     {"name": "legacy"},  # the previous rule: two-sided norm z, log floor 0.1, cosine floor 0.05
-    {"name": "default"},  # fedgspo.robust.detection defaults
+    {"name": "default"},  # fedgspo.robust.detection defaults (adaptive floors)
+    {"name": "constant floors", "spread_factor": None},  # the caps alone, no adaptation
+    {"name": "spread_factor 4", "spread_factor": 4.0},
+    {"name": "spread_factor 2", "spread_factor": 2.0},
     {"name": "log_floor 0.5", "log_floor": 0.5},
     {"name": "log_floor 0.3", "log_floor": 0.3},
     {"name": "cos_bound -0.5", "cosine_bound": -0.5},

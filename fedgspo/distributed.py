@@ -172,6 +172,29 @@ def all_gather_bytes(blob: bytes, group: dist.ProcessGroup | None = None) -> lis
     return [bytes(rows[r, :int(sizes[r])].numpy()) for r in range(world)]
 
 
+#: Environment variable naming this process's participant (see :func:`participant_ids`).
+PARTICIPANT_ENV = "FEDGSPO_PARTICIPANT_ID"
+
+
+def participant_ids(local_rank: int, group: dist.ProcessGroup | None = None) -> list[str]:
+    """Every rank's stable identity, by rank, identical on every rank (collective).
+
+    A process is ``$FEDGSPO_PARTICIPANT_ID`` when set, else ``<host name>:<local rank>``: it
+    stays the same when a restart hands out rank numbers in another order. Ids travel as bytes.
+    Raises the same ``ValueError`` on every rank when an id is empty, longer than 128
+    characters, not printable ASCII without spaces, or taken by two ranks.
+    """
+    mine = os.environ.get(PARTICIPANT_ENV) or f"{socket.gethostname()}:{local_rank}"
+    ids = [blob.decode("ascii", errors="replace") for blob in all_gather_bytes(mine.encode(), group)]
+    bad = [i for i in ids if not 0 < len(i) <= 128 or not (i.isascii() and i.isprintable()) or " " in i]
+    if bad:
+        raise ValueError(f"{PARTICIPANT_ENV}: ids must be 1-128 printable ASCII characters without spaces, "
+                         f"got {bad[:3]}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{PARTICIPANT_ENV}: two ranks share a participant id ({ids}); give each process its own")
+    return ids
+
+
 def broadcast_json(value: Any, src: int = 0, group: dist.ProcessGroup | None = None, *,
                    max_bytes: int = 1 << 20) -> Any:
     """``value`` from rank ``src`` (global rank) on every rank of ``group``, as UTF-8 JSON in two

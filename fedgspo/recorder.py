@@ -68,12 +68,14 @@ class Recorder:
         """System figures for the step record (registry conflicts, event queue depth, ...)."""
         return self.book.counters()
 
-    def start(self, *, first_step: int, world_size: int, weights_sha256: str, rule: str, f: int,
-              model_info: dict[str, Any], dataset_info: dict[str, Any], resumed_from: str | None) -> None:
-        """Write the resolved config, audit the start and register the run's entities."""
+    def start(self, *, first_step: int, world_size: int, participants: list[str], weights_sha256: str, rule: str,
+              f: int, model_info: dict[str, Any], dataset_info: dict[str, Any], resumed_from: str | None) -> None:
+        """Write the resolved config, audit the start (with the participant behind each rank)
+        and register the run's entities."""
         write_text_atomic(self.files.config, yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         self.audit(RUN_START, {"config_sha256": self.cfg.digest(), "world_size": world_size,
-                               "weights_sha256": weights_sha256, "first_step": first_step}, step=first_step)
+                               "participants": participants, "weights_sha256": weights_sha256,
+                               "first_step": first_step}, step=first_step)
         self.book.start(name=self.files.root.name, cfg=self.cfg, model_info=model_info,
                         dataset_info=dataset_info, weights_hash=weights_sha256, world_size=world_size,
                         rule=rule, f=f, resumed_from=resumed_from)

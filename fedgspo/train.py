@@ -51,6 +51,7 @@ from fedgspo.distributed import (
     broadcast_parameters,
     destroy_distributed,
     init_distributed,
+    participant_ids,
 )
 from fedgspo.faults import FaultInjector
 from fedgspo.gspo.data import Task
@@ -164,7 +165,13 @@ class Trainer:
         # Robust aggregation and whom to trust: the rule object lives for the run (it keeps
         # state across steps) and is rebuilt only by a hot swap or a resume.
         self.aggregator = agg.build(ctx.world_size)
-        self.reputation = ReputationTracker(ctx.world_size, agg.reputation, phases=gspo.num_iterations)
+        # Reputation belongs to participants, not rank numbers (which a restart may reorder).
+        try:
+            self.participants = participant_ids(ctx.local_rank)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.reputation = ReputationTracker(ctx.world_size, agg.reputation, phases=gspo.num_iterations,
+                                            participants=self.participants)
         self.attack = cfg.attack
         # Sampling differs per rank; everything that must agree across ranks uses the cfg seed.
         self.sampler = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 9973 + ctx.rank)
@@ -512,7 +519,8 @@ class Trainer:
         parent = self.checkpoints.parent
         hf = self.model.config
         self.recorder.start(
-            first_step=first_step, world_size=self.ctx.world_size, weights_sha256=weights_sha256(self.model),
+            first_step=first_step, world_size=self.ctx.world_size, participants=self.participants,
+            weights_sha256=weights_sha256(self.model),
             rule=self.aggregator.spec(), f=self.aggregator.f, resumed_from=parent.sha256 if parent else None,
             model_info={"model_type": hf.model_type, "vocab_size": hf.vocab_size, "hidden_size": hf.hidden_size,
                         "num_layers": hf.num_hidden_layers},

@@ -86,7 +86,10 @@ def test_heterogeneous_honest_ranks_keep_the_constant_floors():
         x[i] *= s
     s = stats_of(x)
     assert SPREAD_FACTOR * cluster_spread(s) > LOG_FLOOR
-    assert detect(s) == detect(s, spread_factor=None) and detect(s).flagged == []
+    adaptive, constant = detect(s), detect(s, spread_factor=None)
+    assert (adaptive.z_norm, adaptive.z_distance, adaptive.z_cosine) == (constant.z_norm, constant.z_distance,
+                                                                          constant.z_cosine)
+    assert adaptive.flagged == constant.flagged == []
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-6, 0.05])
@@ -114,10 +117,11 @@ def test_nonfinite_is_flagged_in_a_tight_cluster():
 def test_a_majority_of_zero_updates_is_not_a_tight_cluster():
     # Groups with equal rewards everywhere give exact zeros: no cluster to adapt to.
     x = tight(4, n=8, d=2000)
-    x[:5] = 0.0
-    x[5] *= 3.0
+    x[:4] = 0.0
+    x[4] *= 3.0
     s = stats_of(x, f=1)
-    assert cluster_spread(s) is None and detect(s).flagged == []
+    assert cluster_spread(s) is None and detect(s).spread is None
+    assert detect(s).flagged == detect(s, spread_factor=None).flagged == []
 
 
 def test_identical_updates_use_the_minimum_spread():

@@ -68,6 +68,7 @@ class RankReputation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(ge=0)
+    participant: str | None = Field(None, description="Stable identity of the process holding the rank.")
     trust: float = Field(1.0, ge=0, le=1, description="EMA of clean steps (1 = always clean).")
     steps: int = Field(0, ge=0, description="Reports seen.")
     flags: int = Field(0, ge=0, description="Times flagged in total.")
@@ -81,16 +82,22 @@ class RankReputation(BaseModel):
 class ReputationTracker:
     """Reputations of all ``world_size`` ranks, updated from robust all-reduce reports."""
 
-    def __init__(self, world_size: int, config: ReputationConfig | None = None, phases: int = 1) -> None:
+    def __init__(self, world_size: int, config: ReputationConfig | None = None, phases: int = 1,
+                 participants: list[str] | None = None) -> None:
         """``phases``: updates per rollout (``gspo.num_iterations``); with more than one, the
-        across-step test also averages each phase on its own (:meth:`update`)."""
+        across-step test also averages each phase on its own (:meth:`update`).
+        ``participants``: the stable identity behind each rank (unique), which a restored state
+        is matched by (:meth:`load_state_dict`)."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if phases < 1:
             raise ValueError(f"phases must be >= 1, got {phases}")
+        if participants is not None and (len(participants) != world_size or len(set(participants)) != world_size):
+            raise ValueError(f"need {world_size} distinct participants, got {participants}")
         self.config = config or ReputationConfig()
         self.phases = phases
-        self.ranks = [RankReputation(rank=r) for r in range(world_size)]
+        self.ranks = [RankReputation(rank=r, participant=participants[r] if participants else None)
+                      for r in range(world_size)]
         # The across-step test over all steps (ALL_PHASES) and per phase of a rollout, and
         # each one's latest verdict.
         self.persistence: dict[int, PersistentDeviation] = {}
@@ -173,15 +180,30 @@ class ReputationTracker:
                                 for phase, det in self.persistence.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; raises ``ValueError`` if the world size differs."""
-        ranks = [RankReputation.model_validate(r) for r in state["ranks"]]
-        if len(ranks) != len(self.ranks):
-            raise ValueError(f"state has {len(ranks)} ranks, tracker has {len(self.ranks)}")
+        """Restore :meth:`state_dict` output.
+
+        With participants on both sides, each reputation follows its participant to whatever
+        rank it holds now (a restart that reorders ranks changes nothing); a participant the
+        state does not know starts fresh, and one that left is dropped (an elastic resume with
+        another world size). When the mapping is not the identity, the across-step test starts
+        its warm-up again (its averages are per rank). Without participants the state must have
+        this tracker's world size (``ValueError`` otherwise)."""
+        saved = [RankReputation.model_validate(r) for r in state["ranks"]]
         self.config = ReputationConfig.model_validate(state["config"])
-        self.ranks = ranks
+        current = [rep.participant for rep in self.ranks]
+        by_participant = {rep.participant: rep for rep in saved if rep.participant is not None}
         self.persistence, self._persistent_flags = {}, {}
-        for phase, saved in state.get("persistence", {}).items():
+        if None not in current and by_participant:
+            self.ranks = [by_participant[p].model_copy(update={"rank": r}) if p in by_participant
+                          else RankReputation(rank=r, participant=p) for r, p in enumerate(current)]
+            if [rep.participant for rep in saved] != current:
+                return  # ranks moved: the per-rank averages of the across-step test no longer apply
+        elif len(saved) != len(self.ranks):
+            raise ValueError(f"state has {len(saved)} ranks, tracker has {len(self.ranks)}")
+        else:
+            self.ranks = saved
+        for phase, detector_state in state.get("persistence", {}).items():
             detector = self._detector()
-            detector.load_state_dict(saved)
+            detector.load_state_dict(detector_state)
             self.persistence[int(phase)] = detector
-            self._persistent_flags[int(phase)] = [int(r) for r in saved["flags"]]
+            self._persistent_flags[int(phase)] = [int(r) for r in detector_state["flags"]]
