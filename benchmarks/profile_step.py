@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, markdown_table, write_json  # noqa: E402
 
+import fedgspo.gspo.loss as loss_mod  # noqa: E402
 import fedgspo.train as train_mod  # noqa: E402
 from fedgspo.config import Config, load_config  # noqa: E402
 from fedgspo.distributed import DistContext, broadcast_json, init_distributed  # noqa: E402
@@ -53,7 +54,7 @@ WRAPPED: list[tuple[Any, str, str]] = [
     (train_mod.Trainer, "compute_gradients", "gradients"),
     (train_mod, "completion_logps", "logps"),
     (train_mod.Trainer, "verify_rollouts", "proofs"),
-    (train_mod, "gspo_loss_and_stats", "loss"),
+    (loss_mod, "gspo_loss_and_stats", "loss"),
     (train_mod.Trainer, "aggregate", "aggregate"),
     (train_mod.Trainer, "optimizer_step", "optimizer"),
 ]

@@ -53,12 +53,15 @@ BENCHMARKS: dict[str, Bench] = {
     "gspo_overhead": Bench("gspo_overhead.py", nprocs=(1, 2)),
     "profile_step": Bench("profile_step.py", nprocs=(1, 2)),
     "vs_trl": Bench("vs_trl.py", trl=True, cheap=False),
+    "vs_trl_parity": Bench("vs_trl.py", args=["--parity"], trl=True, cheap=False),
     "aggregation": Bench("aggregation.py", nprocs=(4,), quick=["--sizes", "100000", "--reps", "3"]),
     "entities": Bench("entities.py"),
     "integrity": Bench("integrity.py", quick=["--repeats", "2"]),
     "detection_calibration": Bench("detection_calibration.py", cheap=False),
     "detection": Bench("detection.py", cheap=False),
     "robustness": Bench("robustness.py", cheap=False, out_folder=True),
+    "protocol": Bench("protocol.py"),
+    "real_model": Bench("real_model.py", cheap=False),
 }
 
 

@@ -214,13 +214,13 @@ def worker_trl(cfg: Config) -> dict[str, float] | None:
 
 def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
     """Train with ``fedgspo.train``; rank 0 returns wall seconds and completion tokens."""
-    from fedgspo.distributed import broadcast_object, destroy_distributed, init_distributed
+    from fedgspo.distributed import broadcast_json, destroy_distributed, init_distributed
     from fedgspo.telemetry.metrics import read_metrics
     from fedgspo.train import run
 
     ctx = init_distributed("cpu")
     set_threads(ctx.world_size)
-    root = Path(broadcast_object(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
+    root = Path(broadcast_json(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
     times: list[float] = []
     t0 = time.perf_counter()
     with train_step_times(times):
@@ -308,13 +308,13 @@ def parity_trl(cfg: Config) -> dict[str, Any] | None:
 def parity_fedgspo(cfg: Config) -> dict[str, Any] | None:
     """Train the parity model with ``fedgspo.train`` (all bookkeeping on, as in the speed
     comparison); rank 0 returns the per-step reward means and times."""
-    from fedgspo.distributed import broadcast_object, destroy_distributed, init_distributed
+    from fedgspo.distributed import broadcast_json, destroy_distributed, init_distributed
     from fedgspo.telemetry.metrics import read_metrics
     from fedgspo.train import run
 
     ctx = init_distributed("cpu")
     set_threads(ctx.world_size)
-    root = Path(broadcast_object(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
+    root = Path(broadcast_json(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
     times: list[float] = []
     t0 = time.perf_counter()
     with train_step_times(times):
