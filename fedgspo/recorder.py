@@ -123,9 +123,11 @@ class Recorder:
                  f"run directory {self.files.root}")
         return summary
 
-    def close(self, failed: bool = False) -> None:
-        if failed:
-            self.book.finish("failed")
+    def close(self, outcome: str | None = None) -> None:
+        """Flush and close everything; ``outcome`` ("failed", "cancelled") is the status of a
+        run that did not finish (a finished one was marked by :meth:`finish`)."""
+        if outcome:
+            self.book.finish(outcome)
         self.book.close()
         self.logger.close()
         if self.alerts:
@@ -170,7 +172,7 @@ class NullRecorder:
     def finish(self, model: torch.nn.Module, **kwargs: Any) -> None:
         return None
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, outcome: str | None = None) -> None:
         self.tracer.close()
 
 

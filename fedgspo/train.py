@@ -21,7 +21,9 @@ completions for its own prompts and scores them; then the GSPO loss is back-prop
 flat gradient buffer, the buffer is combined across ranks by ``robust_all_reduce`` and the
 optimizer steps. Rank 0 alone writes the run directory.
 
-Exit codes: 0 success, 2 invalid configuration or command line (one line on stderr).
+Exit codes: 0 success, 2 invalid configuration or command line (one line on stderr), 75 stopped
+by SIGTERM or SIGUSR1 after writing a checkpoint (requeue and resume with
+``checkpoint.resume=auto``; see :mod:`fedgspo.preemption`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from fedgspo.integrity.audit import (
     CHECKPOINT_SKIPPED,
     DETECTION,
     HOT_SWAP,
+    PREEMPTED,
     PROOF_FAILURE,
     QUARANTINE,
     RELEASE,
@@ -73,6 +76,7 @@ from fedgspo.integrity.audit import (
 from fedgspo.integrity.auth import AuthError, UpdateAuthenticator, load_keyring, poll_requests
 from fedgspo.integrity.proof import RolloutClaim, build_proofs, cross_verify
 from fedgspo.pipeline import load_pipeline, run_pipeline
+from fedgspo.preemption import EXIT_PREEMPTED, SIGNALS, Preempted, StopSignals
 from fedgspo.preflight import Prepared, prepare
 from fedgspo.recorder import open_recorder
 from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
@@ -181,6 +185,10 @@ class Trainer:
         self.proving = cfg.proof.rate > 0 and ctx.world_size > 1
         self.proof_failed: list[int] = []  # ranks whose rollout proofs failed for the current batch
         self.stop_requested = False
+        # A scheduler's signal on any rank stops every rank after the same step (agreed in
+        # summarise's all-reduce); preempted_by names it.
+        self.signals = StopSignals()
+        self.preempted_by: str | None = None
         self.faults = FaultInjector(ctx.rank)
         if ctx.world_size > 1 and self.aggregator.f == 0 and agg.rule != "mean":
             self.recorder.say(f"note: {ctx.world_size} ranks leave {agg.rule} no Byzantine tolerance "
@@ -395,9 +403,12 @@ class Trainer:
         lengths = batch.rollout.completion_mask.sum(-1)
         local = torch.stack([
             rewards.mean(), (rewards ** 2).mean(), lengths.mean(), loss, stats.clip_frac,
-            stats.ratio_mean, stats.kl, *[torch.tensor(float(x)) for part in batch.reward_parts.values() for x in part],
+            stats.ratio_mean, stats.kl, *[torch.tensor(float(self.signals.received == s.name)) for s in SIGNALS],
+            *[torch.tensor(float(x)) for part in batch.reward_parts.values() for x in part],
         ]).float()
-        reward_mean, reward_sq, length, loss_, clip, ratio, kl, *parts = all_reduce_mean(local).tolist()
+        reward_mean, reward_sq, length, loss_, clip, ratio, kl, *rest = all_reduce_mean(local).tolist()
+        signalled, parts = rest[:len(SIGNALS)], rest[len(SIGNALS):]
+        self.preempted_by = next((s.name for s, v in zip(SIGNALS, signalled) if v > 0), self.preempted_by)
         step_time, ranks = sum(times.values()), self.reputation.ranks
         record = {
             "step": step, "reward_mean": reward_mean,
@@ -447,18 +458,23 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=first, desc="gspo", dynamic_ncols=True,
                    disable=not (self.ctx.is_main and cfg.run.progress_bar and sys.stderr.isatty()))
         history: list[dict] = []
-        for step in range(first, cfg.train.max_steps):
-            self.step = step
-            with self.tracer.span("step", step=step):
-                record = self.evaluate() if cfg.train.evaluate_only else self.train_step(step)
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
-            if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps:
-                self.recorder.say(console_line(record, cfg.train.max_steps))
-            if self.stop_requested:
-                self.save_checkpoint(step + 1, record, now=True)
-                break
+        with self.signals:
+            for step in range(first, cfg.train.max_steps):
+                self.step = step
+                with self.tracer.span("step", step=step):
+                    record = self.evaluate() if cfg.train.evaluate_only else self.train_step(step)
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+                if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps:
+                    self.recorder.say(console_line(record, cfg.train.max_steps))
+                if self.stop_requested or self.preempted_by:
+                    self.save_checkpoint(step + 1, record, now=True)
+                    if self.preempted_by:
+                        bar.close()
+                        self.recorder.audit(PREEMPTED, {"signal": self.preempted_by}, step=step + 1)
+                        raise Preempted(self.preempted_by, step + 1)
+                    break
         bar.close()
         self.finish(history, first)
         return history
@@ -537,8 +553,10 @@ class Trainer:
             seconds=sum(r["step_time_s"] for r in history), weights_per_rank=per_rank,
             reputation=self.reputation.state_dict()["ranks"], reputations=self.reputation.ranks)
 
-    def close(self, failed: bool = False) -> None:
-        self.recorder.close(failed)
+    def close(self, outcome: str | None = None) -> None:
+        """Close rank 0's record; ``outcome`` ("failed", "cancelled") marks a run that did not
+        finish."""
+        self.recorder.close(outcome)
 
 
 def build_policy(cfg: Config, task: Task) -> torch.nn.Module:
@@ -607,8 +625,11 @@ def run(cfg: Config, ctx: DistContext) -> dict | None:
         raise ConfigError(str(err)) from None
     try:
         trainer.train()
+    except Preempted:
+        trainer.close(outcome="cancelled")
+        raise
     except BaseException:
-        trainer.close(failed=True)
+        trainer.close(outcome="failed")
         raise
     trainer.close()
     return trainer.summary
@@ -637,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
         # an explicit checkpoint.resume path that does not verify.
         print(f"fedgspo.train: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        if ctx.is_main:
+            print(f"fedgspo.train: {stop}", file=sys.stderr)
+        destroy_distributed()
+        return EXIT_PREEMPTED
     destroy_distributed()
     return 0 if ok else 1
 

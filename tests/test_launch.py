@@ -47,9 +47,33 @@ def test_slurm_template_renders_one_torchrun_per_node(tmp_path):
     assert "--nnodes=2" in args and "--nproc_per_node=4" in args
     assert "--rdzv_backend=c10d" in args and "--rdzv_endpoint=node07:29500" in args
     assert "--rdzv_id=4242" in args
-    assert args[-5:] == ["-m", "fedgspo.train", "--config", "configs/default.yaml", "train.max_steps=10"]
+    assert args[-7:] == ["-m", "fedgspo.train", "--config", "configs/default.yaml", "train.max_steps=10",
+                         "run.dir=runs/fedgspo-4242", "checkpoint.resume=auto"]
 
 
 def test_slurm_template_cpu_nodes_use_nproc(tmp_path):
     args = _render(tmp_path, GPUS_PER_NODE="0", NPROC_PER_NODE="3", RDZV_PORT="29611")
     assert "--nproc_per_node=3" in args and "--rdzv_endpoint=node07:29611" in args
+
+
+def test_slurm_template_passes_a_signal_on_and_requeues(tmp_path):
+    """SIGUSR1 (the time-limit warning) reaches srun as SIGTERM, and the job requeues itself."""
+    import signal
+    import time
+
+    bin_dir = _fake_bin(tmp_path)
+    log = tmp_path / "calls"
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\ntrap \'echo "srun got TERM" >> {log}; exit 75\' TERM\n'
+                                  f'echo started >> {log}\nwhile true; do sleep 0.1; done\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\n[[ "$1 $2" == "show hostnames" ]] && echo node07 '
+                                      f'|| echo "scontrol $*" >> {log}\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node07",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "77", "GPUS_PER_NODE": "0"}
+    proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch")], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not (log.exists() and "started" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 75, out
+    assert log.read_text().splitlines()[1:] == ["srun got TERM", "scontrol requeue 77"]

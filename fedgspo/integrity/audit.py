@@ -48,6 +48,7 @@ PROOF_FAILURE = "proof_failure"
 OPERATOR_REQUEST = "operator_request"
 REQUEST_REJECTED = "request_rejected"
 RUN_END = "run_end"
+PREEMPTED = "preempted"
 
 
 class AuditError(RuntimeError):
