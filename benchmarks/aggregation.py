@@ -8,9 +8,12 @@ Every op runs ``--warmup`` untimed rounds (which also compile the kernels), then
 rounds in which all ops run back to back, each barrier-fenced (``time.perf_counter``). The
 table shows the median time per op and the median over rounds of its ratio to
 ``dist.all_reduce`` of the same tensor and to the communication floor. The communication floor
-is ``all_to_all_single`` plus ``all_gather_single`` of the same sizes: what the sharded
-exchange costs with no local work. Rank 0 prints a table and writes JSON (machine,
-versions, times, ratios) to ``benchmarks/results/aggregation.json``.
+(``comm_floor``) is what the sharded exchange costs with no local work: ``all_to_all_single``
+of the update, then every rank's shard and statistics sent point to point to every rank
+(:func:`fedgspo.robust.shard_exchange.publish`). ``a2a+all_gather`` is the same bytes with
+gloo's ring ``all_gather_single`` as the second step (the previous floor). Rank 0 prints a
+table and writes JSON (machine, versions, times, ratios) to
+``benchmarks/results/aggregation.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fedgspo.robust.all_reduce import robust_all_reduce
-from fedgspo.robust.shard_exchange import all_gather_single
+from fedgspo.robust.shard_exchange import all_gather_single, publish
 
 # (label, rule, f, mode, options); f is reduced to what the world size allows.
 CASES: list[tuple[str, str, int, str, dict[str, float | int]]] = [
@@ -85,12 +88,19 @@ def bench_size(d: int, reps: int, warmup: int) -> dict[str, dict[str, float]]:
     s = -(-d // n)
     send, recv = torch.randn(n * s), torch.empty(n * s)
     shard, out = torch.randn(s), torch.empty(n * s)
+    stats = torch.randn(2 * n + 1, dtype=torch.float64)
 
     def floor() -> None:
         dist.all_to_all_single(recv, send)
+        publish(shard, stats, None, n, into=out.view(n, s))
+
+    def ring_floor() -> None:
+        dist.all_to_all_single(recv, send)
         all_gather_single(out, shard)
 
-    ops: dict[str, Callable[[], None]] = {"all_reduce": lambda: dist.all_reduce(t), "comm_floor": floor}
+    ops: dict[str, Callable[[], None]] = {
+        "all_reduce": lambda: dist.all_reduce(t), "comm_floor": floor, "a2a+all_gather": ring_floor,
+    }
     for label, rule, f, mode, options in CASES:
         k = tolerable_f(rule, f, n)
         ops[label] = functools.partial(robust_all_reduce, t, rule, k, mode=mode, **options)

@@ -57,13 +57,13 @@ def test_slurm_template_cpu_nodes_use_nproc(tmp_path):
 
 
 def test_slurm_template_passes_a_signal_on_and_requeues(tmp_path):
-    """SIGUSR1 (the time-limit warning) reaches srun as SIGTERM, and the job requeues itself."""
+    """SIGUSR1 (the time-limit warning) reaches srun, and the job requeues itself."""
     import signal
     import time
 
     bin_dir = _fake_bin(tmp_path)
     log = tmp_path / "calls"
-    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\ntrap \'echo "srun got TERM" >> {log}; exit 75\' TERM\n'
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\ntrap \'echo "srun got USR1" >> {log}; exit 75\' USR1\n'
                                   f'echo started >> {log}\nwhile true; do sleep 0.1; done\n')
     (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\n[[ "$1 $2" == "show hostnames" ]] && echo node07 '
                                       f'|| echo "scontrol $*" >> {log}\n')
@@ -76,4 +76,4 @@ def test_slurm_template_passes_a_signal_on_and_requeues(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 75, out
-    assert log.read_text().splitlines()[1:] == ["srun got TERM", "scontrol requeue 77"]
+    assert log.read_text().splitlines()[1:] == ["srun got USR1", "scontrol requeue 77"]

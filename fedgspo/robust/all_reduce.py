@@ -35,11 +35,26 @@ floating-point summation order):
 Call protocol and failure behaviour:
 
 * Every rank of ``group`` must call with the same ``rule``, ``f``, ``mode``, options,
-  ``exclude`` and ``weights`` and a tensor of the same numel and dtype. A first tiny
-  ``all_gather`` of that metadata lets every rank check it: any mismatch, unknown name,
-  bound the rule cannot tolerate (e.g. ``2f >= n`` for the median) or non-floating dtype
-  raises the same ``ValueError`` on *every* rank (no hang); the tensor is unchanged. A
-  Byzantine rank publishing a wrong row (numel, dtype, f, NaN, infinities) gets the same.
+  ``exclude`` and ``weights`` and a tensor of the same numel and dtype. Every rank publishes
+  that metadata (a float64 row: slots ``META_*``) and checks every rank's row before it uses
+  any data: any mismatch, unknown name, bound the rule cannot tolerate (e.g. ``2f >= n`` for
+  the median) or non-floating dtype raises the same ``ValueError`` on *every* rank (no
+  hang); the tensor is unchanged. A Byzantine rank publishing a wrong row (numel, dtype, f,
+  NaN, infinities) gets the same.
+* How the rows travel (no extra collective round in a steady loop): each group remembers the
+  sequence of agreed calls and predicts the next call's metadata and data layout (the
+  layout that followed the previous call's last time: one layout per step, or the DDP
+  buckets' cycle). With a prediction the rows go point to point *while* the data exchange of
+  the predicted layout runs; a rank whose own call does not fit the prediction sends zeros
+  of the predicted size, so every rank runs the same collective with the same sizes. The
+  rows are then checked before anything else: a mismatch raises as above; rows that agree
+  with each other but not with the prediction (the caller changed layout) repeat the data
+  exchange with the agreed layout. Without a prediction (the first calls, a new layout) a
+  tiny ``all_gather`` of the rows comes first. The point-to-point rows let a Byzantine
+  sender show different metadata to different ranks; those ranks then disagree on whether
+  the call proceeds and the call fails at its next collective or times out, as when a rank
+  withholds a collective (the metadata round's ``all_gather`` relays rows through other
+  ranks and does not stop a Byzantine process either).
 * Nonfinite updates (NaN/Inf, or a squared norm overflowing) are always flagged and left
   out of the aggregate; so are ranks in ``exclude`` or with weight 0 (they are still
   measured and reported).
@@ -82,7 +97,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -93,13 +110,28 @@ from fedgspo.robust.aggregators import Aggregator, build_aggregator
 from fedgspo.robust.authentication import ExchangeAuthenticator
 from fedgspo.robust.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
 from fedgspo.distributed import all_gather_single
-from fedgspo.robust.shard_exchange import AggregationPlan, AuditOutcome, ProtocolTamper, replicated, sharded
+from fedgspo.robust.shard_exchange import (
+    AggregationPlan,
+    AuditOutcome,
+    Layout,
+    Moved,
+    ProtocolTamper,
+    exchange,
+    post_rows,
+    replicated,
+    sharded,
+)
 
 MODES = ("sharded", "replicated", "audited")
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
-#: Slots of the float64 metadata row every rank all-gathers before any data moves:
-#: numel, dtype code, f, checksum of the call's configuration, error flag, ``||x||^2``.
-META_NUMEL, META_DTYPE, META_F, META_CONFIG, META_ERROR, META_SQ_NORM = range(6)
+#: Slots of the float64 metadata row every rank publishes and checks before it uses any data:
+#: numel, dtype code, f, checksum of the call's configuration, error flag, ``||x||^2``, and
+#: the authentication step (-1 without an authenticator).
+META_NUMEL, META_DTYPE, META_F, META_CONFIG, META_ERROR, META_SQ_NORM, META_STEP = range(7)
+#: The slots two calls must share to have the same layout (the others change every call).
+_LAYOUT_SLOTS = (META_NUMEL, META_DTYPE, META_F, META_CONFIG)
+#: Agreed layouts each group's predictor remembers (successors of as many layouts).
+_PREDICTED_LAYOUTS = 64
 
 
 @dataclass(frozen=True)
@@ -209,40 +241,31 @@ def _local_plan(
         return None, w, str(err)
 
 
-def _agree(
-    tensor: torch.Tensor,
-    f: int,
-    agg: Aggregator | None,
-    error: str,
-    config_text: str,
-    group: dist.ProcessGroup | None,
-    tamper: ProtocolTamper | None = None,
-) -> tuple[Aggregator, torch.Tensor]:
-    """All-gather every rank's metadata and raise the same ``ValueError`` everywhere on a mismatch.
-
-    Returns the rule and the ``(n, 6)`` metadata (numel, dtype code, f, config checksum,
-    error, ||x||^2).
-    """
-    n = dist.get_world_size(group)
+def _metadata_row(
+    tensor: torch.Tensor, f: int, error: str, config_text: str, step: int | None, device: torch.device
+) -> torch.Tensor:
+    """This rank's float64 metadata row (slots ``META_*``)."""
     flat = tensor.reshape(-1)
     # Half-precision squares overflow early: accumulate those in float32.
     wide = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
     sq_norm = torch.linalg.vector_norm(flat, dtype=wide).double().square().item() if flat.is_floating_point() else 0.0
-    row = torch.tensor(
-        [flat.numel(), _DTYPE_CODES.get(tensor.dtype, 0), f, _crc(config_text), float(bool(error)), sq_norm],
+    return torch.tensor(
+        [flat.numel(), _DTYPE_CODES.get(tensor.dtype, 0), f, _crc(config_text), float(bool(error)), sq_norm,
+         -1 if step is None else step],
         dtype=torch.float64,
-        device=tensor.device,
+        device=device,
     )
-    if tamper is not None:
-        tamper.metadata(row)
-    meta = torch.empty(n * row.numel(), dtype=torch.float64, device=tensor.device)
-    all_gather_single(meta, row, group=group)
-    meta = meta.view(n, -1).cpu()
+
+
+def _check(meta: torch.Tensor, agg: Aggregator | None, error: str, n: int) -> Aggregator:
+    """Raise the same ``ValueError`` on every rank unless every row of the ``(n, 7)`` metadata
+    reports no error and agrees with the others and the rule tolerates ``n`` ranks; returns
+    the rule (this rank's, built by :func:`_local_plan`)."""
     bad = [r for r in range(n) if meta[r, META_ERROR] != 0]
     if bad:
         raise ValueError(f"robust_all_reduce: invalid arguments on rank(s) {bad}" + (f": {error}" if error else ""))
     for slot, what in ((META_NUMEL, "numel"), (META_DTYPE, "dtype"), (META_F, "f"),
-                       (META_CONFIG, "rule/mode/options/exclude/weights")):
+                       (META_CONFIG, "rule/mode/options/exclude/weights"), (META_STEP, "authentication step")):
         if bool((meta[:, slot] != meta[0, slot]).any()):
             values = [_number(v) for v in meta[:, slot].tolist()]
             raise ValueError(f"robust_all_reduce: ranks disagree on {what} (per rank: {values})")
@@ -251,7 +274,87 @@ def _agree(
         agg.check(n)
     except ValueError as err:
         raise ValueError(f"robust_all_reduce: {err}") from None
-    return agg, meta
+    return agg
+
+
+_LayoutKey = tuple[float, ...]
+
+
+class _LayoutPredictor:
+    """One group's agreed calls: predicts the next call's layout as the one that followed the
+    previous call's layout last time. Updated only with agreed calls, in the same order on
+    every rank, so every rank of the group predicts the same."""
+
+    def __init__(self) -> None:
+        self.last: _LayoutKey | None = None
+        self.successor: OrderedDict[_LayoutKey | None, tuple[_LayoutKey, Layout]] = OrderedDict()
+
+    def predict(self) -> tuple[_LayoutKey, Layout] | None:
+        """The predicted (key, layout) of this call, or None (no agreed call has followed the last one)."""
+        return self.successor.get(self.last)
+
+    def record(self, key: _LayoutKey, layout: Layout) -> None:
+        """Remember that the agreed call ``key`` (moving ``layout``) followed the last one."""
+        self.successor[self.last] = (key, layout)
+        self.successor.move_to_end(self.last)
+        while len(self.successor) > _PREDICTED_LAYOUTS:
+            self.successor.popitem(last=False)
+        self.last = key
+
+
+_PREDICTORS: weakref.WeakKeyDictionary[dist.ProcessGroup, _LayoutPredictor] = weakref.WeakKeyDictionary()
+
+
+def _predictor(group: dist.ProcessGroup | None) -> _LayoutPredictor:
+    """The predictor of ``group`` (the world when None); a new process group starts empty."""
+    pg = group if group is not None else dist.group.WORLD
+    if pg not in _PREDICTORS:
+        _PREDICTORS[pg] = _LayoutPredictor()
+    return _PREDICTORS[pg]
+
+
+def _layout_key(row: torch.Tensor) -> _LayoutKey:
+    return tuple(float(row[slot]) for slot in _LAYOUT_SLOTS)
+
+
+def _agree_and_move(
+    flat: torch.Tensor,
+    row: torch.Tensor,
+    layout: Layout | None,
+    agg: Aggregator | None,
+    error: str,
+    group: dist.ProcessGroup | None,
+    n: int,
+) -> tuple[Aggregator, torch.Tensor, Layout, Moved | None]:
+    """Check every rank's metadata ``row`` (module docstring, "How the rows travel") and move
+    the data when the layout was predicted.
+
+    ``row`` is what this rank publishes (after ``tamper``), ``layout`` this rank's own (None
+    when its arguments are invalid). Returns the rule, the
+    ``(n, 7)`` metadata, the agreed layout, and what moved (None: nothing has moved yet; the
+    caller runs :func:`~fedgspo.robust.shard_exchange.exchange`). Raises the same
+    ``ValueError`` on every rank on any mismatch; ``flat`` is only read.
+    """
+    predictor = _predictor(group)
+    predicted = predictor.predict()
+    moved: Moved | None = None
+    if predicted is None:
+        meta = torch.empty(n * row.numel(), dtype=torch.float64, device=row.device)
+        all_gather_single(meta, row, group=group)
+        meta = meta.view(n, -1).cpu()
+    else:
+        key, expected = predicted
+        wait = post_rows(row, group, n)
+        fits = layout == expected and not error
+        moved = exchange(expected, flat if fits else expected.placeholder(flat.device), group, n)
+        meta = wait()
+    agg = _check(meta, agg, error, n)
+    agreed = _layout_key(meta[0])
+    assert layout is not None  # no rank reported an error
+    if predicted is None or agreed != predicted[0]:
+        moved = None  # the predicted layout was not this call's: what moved was a placeholder
+    predictor.record(agreed, layout)
+    return agg, meta, layout, moved
 
 
 def _judge(
@@ -410,25 +513,30 @@ def robust_all_reduce(
     )
     config_text = repr(
         (agg.spec() if agg else rule, mode, sorted(agg.options().items()) if agg else options, sorted(exclude),
-         weights, z_threshold, exclude_flagged)
+         weights, z_threshold, exclude_flagged, authenticator is not None)
     )
-    if authenticator is not None:
-        config_text += repr(("auth", step))
     with torch.no_grad():
-        agg, meta = _agree(tensor, agg.f if agg else -1, agg, error, config_text, group, tamper)
+        flat = tensor.reshape(-1)
+        row = _metadata_row(tensor, agg.f if agg else -1, error, config_text,
+                            step if authenticator is not None else None, tensor.device)
+        if tamper is not None:
+            tamper.metadata(row)
+        layout = None if error else Layout(mode, flat.numel(), tensor.dtype)
+        agg, meta, layout, moved = _agree_and_move(flat, row, layout, agg, error, group, n)
         nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, META_SQ_NORM])]
         keep = [r for r in range(n) if r not in set(exclude) and w[r] > 0 and r not in nonfinite]
         plan = AggregationPlan(agg, n, keep, w, nonfinite, agg.next_round())
-        flat = tensor.reshape(-1)
         judge = functools.partial(_judge, z_threshold=z_threshold, exclude_flagged=exclude_flagged, mode=mode)
         verify = None if authenticator is None else _authenticate(authenticator, step, group, n, mode)
         if not plan.tolerated():
             report, result = _failed_report(plan, mode, f"{len(keep)} usable ranks are too few for {agg.spec()}"), None
         else:
+            if moved is None:
+                moved = exchange(layout, flat, group, n)
             if mode == "replicated":
-                report, result, audit, plan = replicated(plan, flat, group, judge, verify)
+                report, result, audit, plan = replicated(plan, moved, judge, verify)
             else:
-                report, result, audit, plan = sharded(plan, flat, group, judge, audited=mode == "audited",
+                report, result, audit, plan = sharded(plan, flat, moved, group, judge, audited=mode == "audited",
                                                       verify=verify, tamper=tamper)
             if report is None:
                 report = _failed_report(
