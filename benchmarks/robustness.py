@@ -5,16 +5,22 @@ launched sequentially as ``torchrun --standalone --nproc_per_node=N -m fedgspo.t
 Each run's ``metrics.jsonl`` yields both figures, so one set of runs fills two tables:
 
 * ``detection``: precision and recall of the per-step ``flagged`` ranks. With attackers ``A``
-  active on every step: precision = flags on attackers / all flags, recall = flags on
-  attackers / (|A| x steps). Clean runs report their false flags per step.
-* ``robust_training``: final reward (mean ``reward_mean`` of the last 10% of steps) per
-  attack and rule, as a fraction of the clean run of ``plain_mean`` (:data:`PLAIN_MEAN`).
+  active from the attack's ``start_step``: precision = flags on attackers / all flags, recall =
+  flags on attackers from ``start_step`` on / (|A| x those steps). Clean runs report their false
+  flags per step; every run its honest ranks ever quarantined (false quarantines) and the step
+  from which every attacker was quarantined.
+* ``robust_training``: final reward (mean ``reward_mean`` of the last ``--window`` steps) per
+  attack and rule, as a fraction of the clean run of the same rule (same seed when run as one
+  matrix; seeds averaged cell by cell with ``--from-json``).
 
-Run (default matrix: 38 runs of 8 ranks, ~33 min on 2 CPU cores)::
+Rules: any ``aggregation.rule`` name (with ``f`` = the number of attackers), :data:`PLAIN_MEAN`
+(the undefended mean) and :data:`DEFAULTS` (the configuration's aggregation section as it is).
+
+Run (default matrix: 4 ranks, 300 steps, 28 runs of ~1 min on 2 CPU cores)::
 
     python benchmarks/robustness.py
     python benchmarks/robustness.py --quick                     # smoke check, ~3 min
-    python benchmarks/robustness.py --attacks sign_flip alie --rules median --f 1 2
+    python benchmarks/robustness.py --attacks sign_flip alie --rules median --f 1 2 --nproc 8
     python benchmarks/robustness.py --from-json benchmarks/results/robustness.json   # tables again
     python benchmarks/robustness.py --from-json seed0/robustness.json seed1/robustness.json  # seeds averaged
 
@@ -48,17 +54,22 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, write_json  # noqa: E402
 
-ALL_ATTACKS = ("sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "alie", "ipm", "reward_flip")
+#: Attacks that play against the defences (fedgspo/robust/attacks.py).
+ADAPTIVE = ("stealth", "alternating", "sleeper", "collusion")
+ALL_ATTACKS = ("sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "alie", "ipm", "reward_flip", *ADAPTIVE)
 #: Attacks that change the update visibly (the detection target is >= 0.98 on these).
 OVERT = ("sign_flip", "scaled", "gaussian", "nan", "bit_flip")
 #: ``plain_mean``: ``mean`` with the defences the trainer lets one switch off switched off:
 #: f = n - 1 (flags never fail consensus) and no quarantine. Nonfinite updates are still left
 #: out (fedgspo.robust.all_reduce always does). ``mean`` itself keeps both defences.
 PLAIN_MEAN = "plain_mean"
-DEFAULT_RULES = (PLAIN_MEAN, "median", "trimmed_mean")
+#: ``default``: the configuration's own aggregation section, untouched (rule, f, pre-steps,
+#: reputation), so the matrix measures what a user gets without choosing anything.
+DEFAULTS = "default"
+DEFAULT_RULES = (PLAIN_MEAN, DEFAULTS)
 NEVER = 10**9
 #: Extra cells of the default matrix: larger f for these attacks and rules.
-EXTRA_F, EXTRA_ATTACKS, EXTRA_RULES = (2, 3), ("sign_flip", "alie"), ("median", "trimmed_mean")
+EXTRA_F, EXTRA_ATTACKS, EXTRA_RULES = (2, 3), ("sign_flip", "alie", "collusion"), (DEFAULTS, "median")
 #: Less work per rank than configs/default.yaml (2 prompts x 8 completions), so that 8 ranks
 #: fit on 2 cores; no bookkeeping or TensorBoard (off the measured path).
 BENCH_OVERRIDES = (
@@ -84,6 +95,8 @@ class Cell:
         return [] if self.attack is None else list(range(nproc - self.f, nproc))
 
     def rule_overrides(self, nproc: int) -> list[str]:
+        if self.rule == DEFAULTS:
+            return []
         if self.rule == PLAIN_MEAN:
             return ["aggregation.rule=mean", f"aggregation.f={nproc - 1}",
                     f"aggregation.reputation.window={NEVER}", f"aggregation.reputation.quarantine_after={NEVER}"]
@@ -97,16 +110,17 @@ class Cell:
         return out
 
 
-def build_matrix(attacks: Iterable[str], rules: Iterable[str], fs: Iterable[int], extra: bool) -> list[Cell]:
+def build_matrix(attacks: Iterable[str], rules: Iterable[str], fs: Iterable[int], extra: bool,
+                 nproc: int = 8) -> list[Cell]:
     """Clean runs (one per rule, at the smallest f) first, then attack x rule x f; with
     ``extra`` also :data:`EXTRA_F` for those of :data:`EXTRA_ATTACKS` and :data:`EXTRA_RULES`
-    in ``attacks`` and ``rules``."""
+    in ``attacks`` and ``rules``, where ``2 f < nproc`` (a minority of attackers)."""
     attacks, rules, fs = list(attacks), list(rules), sorted(set(fs))
     cells = [Cell(None, rule, fs[0]) for rule in rules]
     cells += [Cell(a, rule, f) for f in fs for a in attacks for rule in rules]
     if extra:
         cells += [Cell(a, rule, f) for f in EXTRA_F for a in EXTRA_ATTACKS for rule in EXTRA_RULES
-                  if a in attacks and rule in rules]
+                  if a in attacks and rule in rules and 2 * f < nproc]
     return list(dict.fromkeys(cells))
 
 
@@ -144,49 +158,63 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def window_mean(values: list[float], last: bool, fraction: float = 0.1) -> float:
-    """Mean of the first (or ``last``) ``fraction`` of a non-empty ``values`` (at least one value)."""
-    k = max(1, math.ceil(fraction * len(values)))
-    window = values[-k:] if last else values[:k]
-    return sum(window) / k
+def window_mean(values: list[float], last: bool, window: int | None = None) -> float:
+    """Mean of the first (or ``last``) ``window`` values of a non-empty ``values`` (None: 10 %
+    of them; at least one, at most all)."""
+    k = max(1, math.ceil(0.1 * len(values))) if window is None else min(max(1, window), len(values))
+    part = values[-k:] if last else values[:k]
+    return sum(part) / k
 
 
-def detection_figures(records: list[dict[str, Any]], attackers: list[int]) -> dict[str, Any]:
-    """Precision / recall of the ``flagged`` lists against ``attackers`` (active on every step).
+def detection_figures(records: list[dict[str, Any]], attackers: list[int], start_step: int = 0) -> dict[str, Any]:
+    """Precision / recall of the ``flagged`` lists against ``attackers`` (active from ``start_step``).
 
-    Precision is None for a clean run or when nothing was flagged, recall None for a clean run.
+    Precision is None for a clean run or when nothing was flagged, recall (flags on attackers
+    from ``start_step`` on / attackers x those steps) None for a clean run.
+    ``honest_quarantined``: honest ranks quarantined at any step (the false quarantines);
+    ``attackers_quarantined_at``: first step after which every attacker was quarantined
+    (None: never, or a clean run).
     """
     bad = set(attackers)
     true_flags = sum(len(bad & set(r["flagged"])) for r in records)
     false_flags = sum(len(set(r["flagged"]) - bad) for r in records)
     flags = true_flags + false_flags
+    active = [r for r in records if r["step"] >= start_step]
+    caught = sum(len(bad & set(r["flagged"])) for r in active)
+    held = [r["step"] for r in active if bad and bad <= set(r["quarantined"])]
     return {
         "true_flags": true_flags,
         "false_flags": false_flags,
         "precision": true_flags / flags if flags and bad else None,
-        "recall": true_flags / (len(bad) * len(records)) if bad and records else None,
+        "recall": caught / (len(bad) * len(active)) if bad and active else None,
+        "active_steps": len(active),
         "false_flags_per_step": false_flags / len(records) if records else None,
         "consensus_failed_steps": sum(bool(r.get("consensus_failed")) for r in records),
         "quarantined_at_end": records[-1]["quarantined"] if records else [],
+        "honest_quarantined": sorted({q for r in records for q in r["quarantined"]} - bad),
+        "attackers_quarantined_at": held[0] if held else None,
     }
 
 
-def run_figures(records: list[dict[str, Any]], attackers: list[int]) -> dict[str, Any]:
-    """Reward and detection figures of one completed run (``records`` must not be empty)."""
+def run_figures(records: list[dict[str, Any]], attackers: list[int], start_step: int = 0,
+                window: int | None = None) -> dict[str, Any]:
+    """Reward and detection figures of one completed run (``records`` must not be empty);
+    rewards averaged over the first and last ``window`` steps (None: 10 %)."""
     rewards = [r["reward_mean"] for r in records]
     return {
         "steps": len(records),
-        "reward_initial": window_mean(rewards, last=False),
-        "reward_final": window_mean(rewards, last=True),
+        "reward_initial": window_mean(rewards, last=False, window=window),
+        "reward_final": window_mean(rewards, last=True, window=window),
         "reward_curve": rewards,
         "step_time_s": sum(r["step_time_s"] for r in records) / len(records),
-        **detection_figures(records, attackers),
+        **detection_figures(records, attackers, start_step),
     }
 
 
 def run_cell(cell: Cell, runs_dir: Path, nproc: int, steps: int, seed: int, timeout: float,
-             retries: int) -> dict[str, Any]:
-    """Launch one cell (again, up to ``retries`` times, while it fails) and collect its figures.
+             retries: int, window: int | None = None) -> dict[str, Any]:
+    """Launch one cell (again, up to ``retries`` times, while it fails) and collect its figures
+    (rewards over ``window`` steps; recall from the attack's resolved ``start_step`` on).
     ``status`` is ``ok`` or ``failed``; ``failed_attempts`` keeps the errors of failed tries."""
     run_dir, failures = runs_dir / cell.name, []
     for _ in range(retries + 1):
@@ -197,12 +225,26 @@ def run_cell(cell: Cell, runs_dir: Path, nproc: int, steps: int, seed: int, time
             break
         failures.append({"returncode": launched["returncode"], "error": launched["error"]})
     config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    start = ((config or {}).get("attack") or {}).get("start_step", 0)
     return {
         **asdict(cell), "name": cell.name, "attackers": cell.attackers(nproc),
-        "status": "ok" if ok else "failed", **launched, "failed_attempts": failures,
-        "config": yaml.safe_load(config_path.read_text()) if config_path.exists() else None,
-        "figures": run_figures(records, cell.attackers(nproc)) if ok else None,
+        "status": "ok" if ok else "failed", **launched, "failed_attempts": failures, "config": config,
+        "figures": run_figures(records, cell.attackers(nproc), start, window) if ok else None,
     }
+
+
+def with_window(runs: list[dict[str, Any]], window: int) -> list[dict[str, Any]]:
+    """``runs`` with first and last rewards recomputed from each reward curve over ``window`` steps."""
+    out = []
+    for run in runs:
+        fig = run["figures"]
+        if fig is not None:
+            curve = fig["reward_curve"]
+            fig = {**fig, "reward_initial": window_mean(curve, last=False, window=window),
+                   "reward_final": window_mean(curve, last=True, window=window)}
+        out.append({**run, "figures": fig})
+    return out
 
 
 def average_seeds(seeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -227,6 +269,7 @@ def average_seeds(seeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         records_steps = sum(f["steps"] for f in figs)
         true_flags, false_flags = sum(f["true_flags"] for f in figs), sum(f["false_flags"] for f in figs)
         attackers = len(done[0]["attackers"])
+        active = [f.get("active_steps", f["steps"]) for f in figs]
         merged.append({**done[0], "seeds": len(done), "figures": {
             "steps": figs[0]["steps"],
             "reward_initial": statistics.mean(f["reward_initial"] for f in figs),
@@ -235,10 +278,14 @@ def average_seeds(seeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "step_time_s": statistics.mean(f["step_time_s"] for f in figs),
             "true_flags": true_flags, "false_flags": false_flags,
             "precision": true_flags / (true_flags + false_flags) if true_flags + false_flags and attackers else None,
-            "recall": true_flags / (attackers * records_steps) if attackers else None,
+            "recall": (sum(f["recall"] * a for f, a in zip(figs, active)) / sum(active)
+                       if attackers and sum(active) else None),
+            "active_steps": sum(active),
             "false_flags_per_step": false_flags / records_steps,
             "consensus_failed_steps": sum(f["consensus_failed_steps"] for f in figs),
             "quarantined_at_end": sorted({q for f in figs for q in f["quarantined_at_end"]}),
+            "honest_quarantined": sorted({q for f in figs for q in f.get("honest_quarantined", [])}),
+            "attackers_quarantined_at": [f.get("attackers_quarantined_at") for f in figs],
         }})
     return merged
 
@@ -248,38 +295,41 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def detection_table(runs: list[dict[str, Any]]) -> str:
-    """Markdown: attack, rule, f, precision, recall, false flags per step, skipped steps."""
+    """Markdown: attack, rule, f, precision, recall, false flags per step, skipped steps, ranks
+    quarantined at the end, honest ranks ever quarantined, step at which every attacker was."""
     rows = []
     for run in runs:
         fig = run["figures"]
         if fig is None:
-            rows.append([run["attack"] or "clean", run["rule"], run["f"], "failed", "", "", "", ""])
+            rows.append([run["attack"] or "clean", run["rule"], run["f"], "failed", "", "", "", "", "", ""])
             continue
         rows.append([run["attack"] or "clean", run["rule"], run["f"], fmt(fig["precision"]), fmt(fig["recall"]),
-                     fmt(fig["false_flags_per_step"]), fig["consensus_failed_steps"], fig["quarantined_at_end"]])
-    header = ["attack", "rule", "f", "precision", "recall", "false flags/step", "skipped steps", "quarantined"]
+                     fmt(fig["false_flags_per_step"]), fig["consensus_failed_steps"], fig["quarantined_at_end"],
+                     fig.get("honest_quarantined", "n/a"), fig.get("attackers_quarantined_at", "n/a")])
+    header = ["attack", "rule", "f", "precision", "recall", "false flags/step", "skipped steps", "quarantined",
+              "honest quarantined", "attackers quarantined at"]
     return markdown_table(header, rows)
 
 
-def clean_reference(runs: list[dict[str, Any]]) -> float | None:
-    """Final reward of the clean ``plain_mean`` run, else ``mean``, else any clean run; None if
-    no clean run finished."""
+def clean_reference(runs: list[dict[str, Any]], rule: str) -> float | None:
+    """Final reward of the clean run of ``rule``, else of ``plain_mean``, else of ``mean``, else
+    of any clean run; None if no clean run finished."""
     clean = [r for r in runs if r["attack"] is None and r["figures"]]
-    clean.sort(key=lambda r: (r["rule"] != PLAIN_MEAN, r["rule"] != "mean"))
+    clean.sort(key=lambda r: (r["rule"] != rule, r["rule"] != PLAIN_MEAN, r["rule"] != "mean"))
     return clean[0]["figures"]["reward_final"] if clean else None
 
 
 def training_table(runs: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (attack, f), one column per rule: reward first -> last 10% of steps
-    and the last as % of :func:`clean_reference`."""
-    ref = clean_reference(runs)
+    """Markdown: one row per (attack, f), one column per rule: reward first -> last window of
+    steps and the last as % of the same rule's clean run (:func:`clean_reference`)."""
     rules = list(dict.fromkeys(r["rule"] for r in runs))
+    refs = {rule: clean_reference(runs, rule) for rule in rules}
     cells = {(r["attack"] or "clean", r["f"], r["rule"]): r["figures"] for r in runs}
     rows = []
     for attack, f in dict.fromkeys((r["attack"] or "clean", r["f"]) for r in runs):
         row: list[Any] = [attack, f]
         for rule in rules:
-            fig = cells.get((attack, f, rule), "absent")
+            fig, ref = cells.get((attack, f, rule), "absent"), refs[rule]
             if fig == "absent":
                 row.append("")
             elif fig is None:
@@ -329,16 +379,21 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, window: int = 10) -> Pat
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nproc", type=int, default=8, help="ranks per run (default 8)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 120; quick 20)")
+    parser.add_argument("--nproc", type=int, default=4, help="ranks per run (default 4)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300; quick 20)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="steps averaged for the first and last reward (default: 50; quick: 10%% of the steps); "
+                             "with --from-json, recomputed from the stored curves")
     parser.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS, default=None, help="default: all")
-    parser.add_argument("--rules", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_RULES)}; {PLAIN_MEAN} is mean without quarantine or consensus check")
+    parser.add_argument("--rules", nargs="+", default=None,
+                        help=f"default: {' '.join(DEFAULT_RULES)}; {PLAIN_MEAN} is mean without quarantine or consensus "
+                             f"check; {DEFAULTS} is the configuration's own aggregation section")
     parser.add_argument("--f", type=int, nargs="+", default=None,
                         help=f"default: 1, plus f={EXTRA_F} for those of {EXTRA_ATTACKS} on {EXTRA_RULES} in the matrix")
     parser.add_argument("--seed", type=int, default=0, help="train.seed and attack seed")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as failed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    parser.add_argument("--quick", action="store_true", help="smoke check: sign_flip on plain_mean and trimmed_mean, 20 steps")
+    parser.add_argument("--quick", action="store_true", help=f"smoke check: sign_flip on {PLAIN_MEAN} and {DEFAULTS}, 20 steps")
     parser.add_argument("--retries", type=int, default=1, help="extra tries of a failed run (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the successful runs of <out>/robustness.json; run the rest")
@@ -351,8 +406,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def matrix_of(args: argparse.Namespace) -> list[Cell]:
     """The cells the command line asks for (see :func:`parse_args`)."""
     if args.quick:
-        return build_matrix(args.attacks or ["sign_flip"], args.rules or [PLAIN_MEAN, "trimmed_mean"], args.f or [1], False)
-    return build_matrix(args.attacks or ALL_ATTACKS, args.rules or DEFAULT_RULES, args.f or [1], args.f is None)
+        return build_matrix(args.attacks or ["sign_flip"], args.rules or [PLAIN_MEAN, DEFAULTS], args.f or [1], False)
+    return build_matrix(args.attacks or ALL_ATTACKS, args.rules or DEFAULT_RULES, args.f or [1], args.f is None,
+                        args.nproc)
 
 
 def finished_runs(json_path: Path) -> dict[str, dict[str, Any]]:
@@ -366,7 +422,8 @@ def run_matrix(cells: list[Cell], args: argparse.Namespace, steps: int, json_pat
     """Run ``cells`` one after another, rewriting ``json_path`` after each run. With
     ``args.resume``, cells that already succeeded in ``json_path`` are taken from it (the caller
     keeps the settings unchanged between the two invocations)."""
-    settings = {"nproc": args.nproc, "steps": steps, "seed": args.seed, "bench_overrides": list(BENCH_OVERRIDES)}
+    settings = {"nproc": args.nproc, "steps": steps, "window": args.window, "seed": args.seed,
+                "bench_overrides": list(BENCH_OVERRIDES)}
     done = finished_runs(json_path) if args.resume else {}
     runs: list[dict[str, Any]] = []
     for i, cell in enumerate(cells, 1):
@@ -374,7 +431,8 @@ def run_matrix(cells: list[Cell], args: argparse.Namespace, steps: int, json_pat
             runs.append(done[cell.name])
             continue
         print(f"[{i}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
-        runs.append(run_cell(cell, args.out / "runs", args.nproc, steps, args.seed, args.timeout, args.retries))
+        runs.append(run_cell(cell, args.out / "runs", args.nproc, steps, args.seed, args.timeout, args.retries,
+                             args.window))
         print(f"    {runs[-1]['status']} in {runs[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
         write_json(json_path, {"settings": settings, "runs": runs})
     return runs
@@ -383,7 +441,7 @@ def run_matrix(cells: list[Cell], args: argparse.Namespace, steps: int, json_pat
 def report(runs: list[dict[str, Any]], plot_path: Path) -> None:
     """Print both tables and write the plot."""
     print("## detection\n\n" + detection_table(runs) + "\n")
-    print("## robust_training (reward first 10% -> last 10% of steps; % of the clean plain_mean run)\n\n"
+    print("## robust_training (reward first -> last window of steps; % of the same rule's clean run)\n\n"
           + training_table(runs) + "\n")
     plot = plot_curves(runs, plot_path)
     if plot:
@@ -395,10 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     Exit code 1 if a run failed."""
     args = parse_args(argv)
     if args.from_json:
-        runs = average_seeds([json.loads(path.read_text())["runs"] for path in args.from_json])
+        seeds = [json.loads(path.read_text())["runs"] for path in args.from_json]
+        runs = average_seeds([with_window(r, args.window) for r in seeds] if args.window else seeds)
     else:
         json_path = args.out / "robustness.json"
-        runs = run_matrix(matrix_of(args), args, args.steps or (20 if args.quick else 120), json_path)
+        if args.window is None and not args.quick:
+            args.window = 50
+        runs = run_matrix(matrix_of(args), args, args.steps or (20 if args.quick else 300), json_path)
         print(f"wrote {json_path}")
     report(runs, args.out / "robust_training.png")
     return 0 if all(r["status"] == "ok" for r in runs) else 1

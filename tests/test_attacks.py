@@ -65,8 +65,9 @@ def test_protocol_attacks_leave_the_update_alone():
 
 def test_registry_and_validation():
     assert set(ATTACKS) == {"sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "alie", "ipm", "reward_flip",
+                            "stealth", "alternating", "sleeper", "collusion",
                             "lie_aggregate", "lie_vote", "lie_stats", "bad_metadata"}
-    with pytest.raises(ValidationError, match="known: alie, bad_metadata, bit_flip"):
+    with pytest.raises(ValidationError, match="known: alie, alternating, bad_metadata, bit_flip"):
         AttackConfig(kind="label_flip")
     with pytest.raises(ValidationError):
         AttackConfig(kind="zero", ranks=[1, 1])

@@ -18,6 +18,25 @@ Attacks (``strength`` default per kind in brackets):
   Xie et al., UAI 2020); colluding.
 * ``reward_flip`` [1]: rewards ``r -> -strength * r`` (upstream; updates untouched).
 
+Adaptive attacks, which play against the defences rather than past them:
+
+* ``stealth`` [0.9]: knows the detection rule and its default thresholds and stays under
+  them. It sends ``mean - lam * std`` of the honest updates (ALIE's direction) with the
+  largest ``lam`` (bisection, up to :data:`STEALTH_MAX_LAM`) whose statistics the per-step
+  test (:func:`fedgspo.robust.detection.detect`) and replicas of the across-step tests
+  (:class:`~fedgspo.robust.detection.PersistentDeviation` with its defaults, over all steps
+  and per phase of ``phases`` updates per rollout) would not flag at ``strength`` times the
+  default threshold (the cosine bound scaled alike). It measures against the honest mean as
+  a stand-in for the aggregate; colluding.
+* ``alternating`` [1]: ``-strength * g`` on every other step from ``start_step`` on (the
+  second, fourth, ...), honest on the others, so that it halves its averages across steps.
+* ``sleeper`` [1]: honest until ``start_step`` (default :data:`SLEEPER_START` for this kind),
+  then ``-strength * g``: its trust and its averages across steps are those of an honest rank
+  when it wakes.
+* ``collusion`` [1]: every attacker sends the same vector, ``-strength`` times the honest
+  mean rescaled to the median honest norm: a coordinated sign flip of ordinary norm, which
+  distance-based rules (Krum, NNM) see as a tight pair of rows; colluding.
+
 Protocol-level attacks leave the update alone and make the attacker lie *inside* the robust
 all-reduce, through :func:`protocol_tamper` (a :class:`ProtocolAttack` to pass as
 ``robust_all_reduce(..., tamper=...)``). The ``audited`` mode repairs or rejects each of them
@@ -40,17 +59,28 @@ is active, so nothing hangs; randomness is seeded by ``(seed, rank, step)``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from statistics import NormalDist
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.all_reduce import META_DTYPE, META_F, META_NUMEL
+from fedgspo.robust.detection import (
+    COSINE_BOUND, DEFAULT_THRESHOLD, PersistentDeviation, RankStatistics, detect, statistics_from_sums)
 from fedgspo.robust.shard_exchange import ProtocolTamper
+
+#: First attacking step of ``sleeper`` when ``start_step`` is not given.
+SLEEPER_START = 100
+#: Largest multiple of the honest coordinate-wise std that ``stealth`` subtracts.
+STEALTH_MAX_LAM = 100.0
+#: Bisection steps of ``stealth`` (the chosen ``lam`` is within ``STEALTH_MAX_LAM / 2**k``).
+STEALTH_BISECTIONS = 20
 
 
 class AttackConfig(BaseModel):
@@ -65,6 +95,19 @@ class AttackConfig(BaseModel):
     seed: int = Field(0, description="Seed of the random attacks (gaussian, bit_flip).")
     target: int | None = Field(
         None, ge=0, description="Rank lie_stats frames; None: the lowest rank not in ranks.")
+    phases: int = Field(
+        2, gt=0, description="Updates per rollout that stealth assumes (gspo.num_iterations), for its replica "
+        "of the per-phase across-step test.")
+    # stealth's replicas of the across-step tests, all steps (key -1) and per phase
+    # (attacker-side state, never serialised).
+    _shadows: dict[int, PersistentDeviation] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sleeper_start(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "sleeper" and data.get("start_step") is None:
+            return {**data, "start_step": SLEEPER_START}
+        return data
 
     @field_validator("kind")
     @classmethod
@@ -149,12 +192,15 @@ _LOCAL: dict[str, LocalAttack] = {
     "nan": _nan,
     "bit_flip": _bit_flip,
     "reward_flip": _no_op,
+    "alternating": _sign_flip,
+    "sleeper": _sign_flip,
 }
-COLLUDING = ("alie", "ipm")
+COLLUDING = ("alie", "ipm", "stealth", "collusion")
 PROTOCOL = ("lie_aggregate", "lie_vote", "lie_stats", "bad_metadata")
 ATTACKS: tuple[str, ...] = tuple(sorted((*_LOCAL, *COLLUDING, *PROTOCOL)))
 _DEFAULT_STRENGTH = {
     "sign_flip": 1.0, "scaled": 10.0, "gaussian": 1.0, "bit_flip": 1e-3, "ipm": 0.1, "reward_flip": 1.0,
+    "stealth": 0.9, "alternating": 1.0, "sleeper": 1.0, "collusion": 1.0,
     "lie_aggregate": 1.0, "lie_vote": -1.0, "lie_stats": 1e3, "bad_metadata": 1.0,
 }
 
@@ -168,6 +214,58 @@ def strength_of(cfg: AttackConfig, n: int) -> float:
     return _DEFAULT_STRENGTH.get(cfg.kind, 0.0)
 
 
+def _collusion(honest: torch.Tensor, s: float) -> torch.Tensor:
+    """``-s`` times the honest mean at the median honest norm (the same on every attacker)."""
+    mean = honest.mean(0)
+    scale = honest.norm(dim=1).median() / mean.norm().clamp_min(torch.finfo(mean.dtype).tiny)
+    return -s * scale * mean
+
+
+def _stealth(cfg: AttackConfig, honest: torch.Tensor, n: int, fraction: float, step: int) -> torch.Tensor:
+    """``mean - lam * std`` of ``honest`` with the largest ``lam`` that neither test would flag
+    at ``fraction`` of the default thresholds (module docstring); updates ``cfg``'s replicas of
+    the across-step tests (over all steps, and over this step's phase ``step % cfg.phases``)
+    with the statistics of the vector sent. The replicas are judged as if warmed up from the
+    first step, so that the averages are already inside the bounds when the real test starts."""
+    honest_ranks = [r for r in range(n) if r not in cfg.ranks]
+    mean = honest.double().mean(0)
+    std = honest.double().std(0, correction=1 if honest.shape[0] > 1 else 0)
+    mm, ms, ss = float(mean @ mean), float(mean @ std), float(std @ std)
+    honest_dots, honest_sq = honest.double() @ mean, (honest.double() ** 2).sum(1)
+    keys = (-1,) if cfg.phases == 1 else (-1, step % cfg.phases)
+    for key in keys:
+        if key not in cfg._shadows or len(cfg._shadows[key].updates) != n:
+            cfg._shadows[key] = PersistentDeviation(n)
+
+    def statistics(lam: float) -> RankStatistics:
+        """Every rank's statistics against the honest mean when the attackers send ``mean - lam * std``."""
+        dots = torch.full((n,), mm - lam * ms, dtype=torch.float64)
+        sq = torch.full((n,), max(mm - 2 * lam * ms + lam * lam * ss, 0.0), dtype=torch.float64)
+        dots[honest_ranks], sq[honest_ranks] = honest_dots, honest_sq
+        return statistics_from_sums(dots, sq, mm)
+
+    def unseen(lam: float) -> bool:
+        stats = statistics(lam)
+        flagged = set(detect(stats, threshold=fraction * DEFAULT_THRESHOLD, cosine_bound=fraction * COSINE_BOUND).flagged)
+        for key in keys:
+            shadow = copy.deepcopy(cfg._shadows[key])
+            shadow.threshold, shadow.warmup = fraction * shadow.threshold, 1
+            flagged |= set(shadow.update(stats.cosines, stats.norms))
+        return not set(cfg.ranks) & flagged
+
+    lo, hi = 0.0, STEALTH_MAX_LAM
+    if unseen(hi):
+        lo = hi
+    else:
+        for _ in range(STEALTH_BISECTIONS):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if unseen(mid) else (lo, mid)
+    sent = statistics(lo)
+    for key in keys:
+        cfg._shadows[key].update(sent.cosines, sent.norms)
+    return (mean - lo * std).to(honest.dtype)
+
+
 def apply_attack(
     cfg: AttackConfig | None, flat_grad: torch.Tensor, rank: int, step: int, group: dist.ProcessGroup | None = None
 ) -> bool:
@@ -176,9 +274,13 @@ def apply_attack(
     Must be called by every rank of ``group`` with the same ``cfg`` and ``step`` (colluding
     attacks run an ``all_gather`` in which every rank takes part). ``flat_grad`` must be a
     1-D floating tensor. Without ``torch.distributed`` colluding attacks raise ``ValueError``.
-    Protocol-level kinds never touch the update (see :func:`protocol_tamper`).
+    Protocol-level kinds never touch the update (see :func:`protocol_tamper`); ``alternating``
+    leaves it alone (and returns False) on its honest steps. ``stealth`` keeps its replicas of
+    the across-step tests on ``cfg``: call it once per step, with the same ``cfg`` object.
     """
     if cfg is None or not cfg.active(step) or cfg.kind in PROTOCOL:
+        return False
+    if cfg.kind == "alternating" and (step - cfg.start_step) % 2 == 0:
         return False
     attacker = rank in cfg.ranks
     if cfg.kind in COLLUDING:
@@ -186,13 +288,18 @@ def apply_attack(
             raise ValueError(f"attack {cfg.kind!r} needs torch.distributed (it reads honest updates)")
         honest = _honest_stack(flat_grad, cfg, group)
         if attacker:
-            s = strength_of(cfg, dist.get_world_size(group))
+            n = dist.get_world_size(group)
+            s = strength_of(cfg, n)
             mean = honest.mean(0)
             if cfg.kind == "alie":
                 std = honest.std(0, correction=1 if honest.shape[0] > 1 else 0)
                 flat_grad.copy_(mean - s * std)
-            else:
+            elif cfg.kind == "ipm":
                 flat_grad.copy_(-s * mean)
+            elif cfg.kind == "collusion":
+                flat_grad.copy_(_collusion(honest, s))
+            else:
+                flat_grad.copy_(_stealth(cfg, honest, n, s, step))
         return attacker
     if attacker:
         n = dist.get_world_size(group) if dist.is_initialized() else 1
