@@ -386,14 +386,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "with --from-json, recomputed from the stored curves")
     parser.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS, default=None, help="default: all")
     parser.add_argument("--rules", nargs="+", default=None,
-                        help=f"default: {' '.join(DEFAULT_RULES)}; {PLAIN_MEAN} is mean without quarantine or consensus "
-                             f"check; {DEFAULTS} is the configuration's own aggregation section")
+                        help=f"default: {' '.join(DEFAULT_RULES)}; {PLAIN_MEAN} is mean without quarantine or "
+                             f"consensus check; {DEFAULTS} is the configuration's own aggregation section")
     parser.add_argument("--f", type=int, nargs="+", default=None,
-                        help=f"default: 1, plus f={EXTRA_F} for those of {EXTRA_ATTACKS} on {EXTRA_RULES} in the matrix")
+                        help=f"default: 1, plus f={EXTRA_F} for those of {EXTRA_ATTACKS} on {EXTRA_RULES} in the "
+                             "matrix (where 2f < nproc)")
     parser.add_argument("--seed", type=int, default=0, help="train.seed and attack seed")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as failed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    parser.add_argument("--quick", action="store_true", help=f"smoke check: sign_flip on {PLAIN_MEAN} and {DEFAULTS}, 20 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke check: sign_flip on {PLAIN_MEAN} and {DEFAULTS}, 20 steps")
     parser.add_argument("--retries", type=int, default=1, help="extra tries of a failed run (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the successful runs of <out>/robustness.json; run the rest")

@@ -91,7 +91,8 @@ class AttackConfig(BaseModel):
     kind: str = Field(description="Attack name, a key of ATTACKS.")
     ranks: list[int] = Field(default_factory=list, description="Byzantine ranks.")
     strength: float | None = Field(None, description="Attack parameter; None: the kind's default.")
-    start_step: int = Field(0, ge=0, description="First step at which the attack is active.")
+    start_step: int = Field(
+        0, ge=0, description="First step at which the attack is active (sleeper: SLEEPER_START when not given).")
     seed: int = Field(0, description="Seed of the random attacks (gaussian, bit_flip).")
     target: int | None = Field(
         None, ge=0, description="Rank lie_stats frames; None: the lowest rank not in ranks.")
@@ -105,6 +106,7 @@ class AttackConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _sleeper_start(cls, data: Any) -> Any:
+        """A ``sleeper`` without ``start_step`` (or with null) wakes at :data:`SLEEPER_START`."""
         if isinstance(data, dict) and data.get("kind") == "sleeper" and data.get("start_step") is None:
             return {**data, "start_step": SLEEPER_START}
         return data
@@ -246,7 +248,8 @@ def _stealth(cfg: AttackConfig, honest: torch.Tensor, n: int, fraction: float, s
 
     def unseen(lam: float) -> bool:
         stats = statistics(lam)
-        flagged = set(detect(stats, threshold=fraction * DEFAULT_THRESHOLD, cosine_bound=fraction * COSINE_BOUND).flagged)
+        per_step = detect(stats, threshold=fraction * DEFAULT_THRESHOLD, cosine_bound=fraction * COSINE_BOUND)
+        flagged = set(per_step.flagged)
         for key in keys:
             shadow = copy.deepcopy(cfg._shadows[key])
             shadow.threshold, shadow.warmup = fraction * shadow.threshold, 1

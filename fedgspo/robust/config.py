@@ -41,9 +41,6 @@ class AggregationConfig(BaseModel):
         default_factory=dict, description="Further rule arguments: tau, iterations, eps, max_iter, tol, m."
     )
     exclude_flagged: bool = Field(False, description="Re-aggregate without the ranks flagged in the same step.")
-    quarantine_uses_f: bool = Field(
-        True, description="Each quarantined rank (left out) uses up one of the f tolerated: the rule keeps "
-        "tolerating f minus the quarantined count among the ranks it still aggregates.")
     trust_weighted: bool = Field(False, description="Weight ranks by reputation trust (weighted rules only).")
     on_consensus_failure: Literal["skip", "stop"] = Field(
         "skip", description="skip: no optimizer step for that batch; stop: end the run with an error."
@@ -58,22 +55,12 @@ class AggregationConfig(BaseModel):
     def _make(self, rule: str, f: int) -> Aggregator:
         return build_aggregator(rule, f, pre=self.pre, bucket_size=self.bucket_size, **self.options)
 
-    def build(self, world_size: int, rule: str | None = None, quarantined: int = 0) -> Aggregator:
+    def build(self, world_size: int, rule: str | None = None) -> Aggregator:
         """The rule object for ``world_size`` ranks (``rule`` overrides the configured name, as
         a hot swap does), with ``f`` resolved by :func:`tolerated_f`. Build it once per run
-        (and per swap, and per change of ``quarantined``): it keeps state across calls.
-
-        ``quarantined``: ranks quarantined (left out of the aggregate). With
-        ``quarantine_uses_f`` each one counts as one of the ``f`` Byzantine ranks already
-        found, so the rule tolerates ``max(f - quarantined, 0)`` among the ranks it still
-        aggregates (with one attacker of four quarantined, the trimmed mean of the other three
-        becomes their mean instead of their median); without it, ``f`` stays. Raises
-        ``ValueError`` for bad options or a negative ``quarantined``."""
-        if quarantined < 0:
-            raise ValueError(f"quarantined must be >= 0, got {quarantined}")
+        (and per swap): it keeps state across calls. Raises ``ValueError`` for bad options."""
         name = rule or self.rule
-        f = tolerated_f(name, self.f, world_size, pre=self.pre)
-        return self._make(name, max(f - quarantined, 0) if self.quarantine_uses_f else f)
+        return self._make(name, tolerated_f(name, self.f, world_size, pre=self.pre))
 
     def all_reduce_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`fedgspo.robust_all_reduce` besides the rule (add

@@ -157,20 +157,26 @@ def cluster_spread(stats: RankStatistics) -> float | None:
     ``MIN_SPREAD``. Invariant under scaling every update by the same positive constant.
     """
     n = len(stats.norms)
-    log_norms, log_distances = _log(stats.norms), _log(stats.distances)
-    positive = [v for v in stats.norms if math.isfinite(v) and v > 0]
-    if not positive:
-        return None
-    clamp = 1e-3 * statistics.median(positive)
-    regular = [
-        i for i in range(n)
-        if math.isfinite(log_distances[i]) and math.isfinite(stats.cosines[i])
-        and math.isfinite(stats.norms[i]) and stats.norms[i] > clamp
-    ]
+    regular = regular_ranks(stats)
     if len(regular) < n // 2 + 1:
         return None
+    log_norms, log_distances = _log(stats.norms), _log(stats.distances)
     spreads = (_mad([v[i] for i in regular]) for v in (log_norms, log_distances, stats.cosines))
     return max(MIN_SPREAD, *spreads)
+
+
+def regular_ranks(stats: RankStatistics) -> list[int]:
+    """Ranks with finite statistics and a norm above ``_log``'s clamp (1e-3 x the median
+    positive norm): the ones that carry a direction. Zero updates (every group of the rank had
+    equal rewards) are not regular."""
+    positive = [v for v in stats.norms if math.isfinite(v) and v > 0]
+    if not positive:
+        return []
+    clamp = 1e-3 * statistics.median(positive)
+    log_distances = _log(stats.distances)
+    return [i for i in range(len(stats.norms))
+            if math.isfinite(log_distances[i]) and math.isfinite(stats.cosines[i])
+            and math.isfinite(stats.norms[i]) and stats.norms[i] > clamp]
 
 
 def detect(
@@ -190,8 +196,10 @@ def detect(
     caps alone when ``spread_factor`` is None or ``S`` is None. Flagged: any nonfinite
     statistic; ``z_norm > threshold``; ``cosine < cosine_bound``; and, unless ``z_norm <
     -threshold`` (a negligible update), ``z_distance > threshold`` (with ``use_distance``)
-    or ``z_cosine < -threshold``. Low norms and distances are never flagged. Pure function
-    of ``stats``: every rank computes the same flags from the same statistics.
+    or ``z_cosine < -threshold``. Low norms and distances are never flagged, and when the
+    regular ranks (:func:`regular_ranks`) are not a strict majority only nonfinite statistics
+    and the cosine bound flag. Pure function of ``stats``: every rank computes the same flags
+    from the same statistics.
     """
     spread = cluster_spread(stats) if spread_factor is not None else None
     if spread is not None:
@@ -201,10 +209,20 @@ def detect(
     z_n = robust_z(_log(stats.norms), floor=log_floor)
     z_c = robust_z(stats.cosines, floor=cosine_floor)
 
+    # When most ranks send (near-)zero updates — late in training, when most groups have equal
+    # rewards — there is no majority to measure against: a rank with a real gradient would look
+    # like an outlier of the zeros. The robust rule's output is then ~0 whatever one rank sends,
+    # so only nonfinite statistics and the absolute cosine bound flag.
+    comparable = len(regular_ranks(stats)) >= len(stats.norms) // 2 + 1
+
     def suspicious(i: int) -> bool:
         if not all(math.isfinite(v) for v in (z_d[i], z_n[i], z_c[i], stats.cosines[i])):
             return True
-        if z_n[i] > threshold or stats.cosines[i] < cosine_bound:
+        if stats.cosines[i] < cosine_bound:
+            return True
+        if not comparable:
+            return False
+        if z_n[i] > threshold:
             return True
         negligible = z_n[i] < -threshold
         return not negligible and ((use_distance and z_d[i] > threshold) or z_c[i] < -threshold)
