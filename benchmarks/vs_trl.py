@@ -212,8 +212,9 @@ def worker_trl(cfg: Config) -> dict[str, float] | None:
                 "tokens": sum(lengths) * batch}
 
 
-def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
-    """Train with ``fedgspo.train``; rank 0 returns wall seconds and completion tokens."""
+def train_fedgspo(cfg: Config) -> tuple[float, list[float], list[dict[str, Any]], int] | None:
+    """Train ``cfg`` with ``fedgspo.train`` in a fresh run directory (collective); rank 0
+    returns (wall seconds, per-step times, metrics records, world size), other ranks None."""
     from fedgspo.distributed import broadcast_json, destroy_distributed, init_distributed
     from fedgspo.telemetry.metrics import read_metrics
     from fedgspo.train import run
@@ -229,8 +230,17 @@ def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
     destroy_distributed()
     if not ctx.is_main:
         return None
-    batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * ctx.world_size
-    lengths = [r["completion_len"] for r in read_metrics(root / "run")]
+    return seconds, times, read_metrics(root / "run"), ctx.world_size
+
+
+def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
+    """Train with ``fedgspo.train``; rank 0 returns wall seconds and completion tokens."""
+    trained = train_fedgspo(cfg)
+    if trained is None:
+        return None
+    seconds, times, records, world_size = trained
+    batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * world_size
+    lengths = [r["completion_len"] for r in records]
     return {"seconds": seconds, "loop_seconds": sum(times), "steps": len(lengths),
             "tokens": sum(lengths) * batch}
 
@@ -308,22 +318,10 @@ def parity_trl(cfg: Config) -> dict[str, Any] | None:
 def parity_fedgspo(cfg: Config) -> dict[str, Any] | None:
     """Train the parity model with ``fedgspo.train`` (all bookkeeping on, as in the speed
     comparison); rank 0 returns the per-step reward means and times."""
-    from fedgspo.distributed import broadcast_json, destroy_distributed, init_distributed
-    from fedgspo.telemetry.metrics import read_metrics
-    from fedgspo.train import run
-
-    ctx = init_distributed("cpu")
-    set_threads(ctx.world_size)
-    root = Path(broadcast_json(tempfile.mkdtemp(prefix="fedgspo-vs-trl-") if ctx.is_main else None))
-    times: list[float] = []
-    t0 = time.perf_counter()
-    with train_step_times(times):
-        run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": root / "run"})}), ctx)
-    seconds = time.perf_counter() - t0
-    destroy_distributed()
-    if not ctx.is_main:
+    trained = train_fedgspo(cfg)
+    if trained is None:
         return None
-    records = read_metrics(root / "run")
+    seconds, times, records, _ = trained
     return {"seconds": seconds, "loop_seconds": sum(times), "steps": len(records),
             "rewards": [r["reward_mean"] for r in records],
             "completion_len": statistics.fmean(r["completion_len"] for r in records)}
