@@ -62,6 +62,7 @@ BENCHMARKS: dict[str, Bench] = {
     "robustness": Bench("robustness.py", cheap=False, out_folder=True),
     "protocol": Bench("protocol.py"),
     "real_model": Bench("real_model.py", cheap=False),
+    "preemption": Bench("preemption.py", cheap=False),
 }
 
 
