@@ -193,19 +193,27 @@ def set_threads(world_size: int) -> None:
     torch.set_num_threads(1 if world_size > 1 else 2)
 
 
+def timed_train(trainer: Any) -> tuple[float, "StepTimes"] | None:
+    """Run ``trainer.train()`` with per-step timing; (wall seconds, step times) on the main
+    process, None elsewhere."""
+    steps = StepTimes()
+    trainer.add_callback(steps)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    return (seconds, steps) if trainer.accelerator.is_main_process else None
+
+
 def worker_trl(cfg: Config) -> dict[str, float] | None:
     """Train with TRL; rank 0 returns wall seconds and completion tokens."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     set_threads(world)
     with tempfile.TemporaryDirectory(prefix="fedgspo-vs-trl-") as out:
         trainer = trl_trainer(cfg, Path(out), world)
-        steps = StepTimes()
-        trainer.add_callback(steps)
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
-        if not trainer.accelerator.is_main_process:
+        timed = timed_train(trainer)
+        if timed is None:
             return None
+        seconds, steps = timed
         batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * world
         lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
         return {"seconds": seconds, "loop_seconds": sum(steps.times), "steps": len(lengths),
@@ -301,13 +309,10 @@ def parity_trl(cfg: Config) -> dict[str, Any] | None:
         trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(cfg.model.path),
                               args=grpo_args(cfg, Path(out), shuffle=True), processing_class=tok,
                               train_dataset=Dataset.from_list(rows), reward_funcs=[parity_reward_fn()])
-        steps = StepTimes()
-        trainer.add_callback(steps)
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
-        if not trainer.accelerator.is_main_process:
+        timed = timed_train(trainer)
+        if timed is None:
             return None
+        seconds, steps = timed
         logs = [r for r in trainer.state.log_history if "reward" in r]
         return {"seconds": seconds, "loop_seconds": sum(steps.times), "steps": len(logs),
                 "rewards": [r["reward"] for r in logs],

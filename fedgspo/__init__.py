@@ -14,55 +14,12 @@ trainer (``python -m fedgspo.train``) and the ``fedgspo`` command load the rest.
 """
 
 from fedgspo.gspo.loss import group_advantages, gspo_loss
-from fedgspo.robust import (
-    RULES,
-    Aggregator,
-    Bucketing,
-    CenteredClipping,
-    CoordinateMedian,
-    GeometricMedian,
-    Krum,
-    Mean,
-    MultiKrum,
-    NearestNeighborMixing,
-    ReputationConfig,
-    ReputationTracker,
-    RobustHookState,
-    RobustReport,
-    TrimmedMean,
-    build_aggregator,
-    robust_all_reduce,
-    robust_hook,
-)
+from fedgspo.robust import *  # noqa: F403 - the robust library's public names, at the top
+from fedgspo.robust import __all__ as _ROBUST
 from fedgspo.robust.attacks import AttackConfig, apply_attack, poison_rewards
 from fedgspo.robust.config import AggregationConfig
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "gspo_loss",
-    "group_advantages",
-    "robust_all_reduce",
-    "RobustReport",
-    "Aggregator",
-    "Mean",
-    "CoordinateMedian",
-    "TrimmedMean",
-    "Krum",
-    "MultiKrum",
-    "GeometricMedian",
-    "CenteredClipping",
-    "NearestNeighborMixing",
-    "Bucketing",
-    "build_aggregator",
-    "RULES",
-    "robust_hook",
-    "RobustHookState",
-    "ReputationConfig",
-    "ReputationTracker",
-    "AttackConfig",
-    "apply_attack",
-    "poison_rewards",
-    "AggregationConfig",
-    "__version__",
-]
+__all__ = ["gspo_loss", "group_advantages", *_ROBUST, "AttackConfig", "apply_attack", "poison_rewards",
+           "AggregationConfig", "__version__"]
