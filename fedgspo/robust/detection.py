@@ -147,7 +147,7 @@ def _mad(values: list[float]) -> float:
     return statistics.median(abs(v - med) for v in values)
 
 
-def cluster_spread(stats: RankStatistics) -> float | None:
+def cluster_spread(stats: RankStatistics, regular: list[int] | None = None) -> float | None:
     """The spread ``S`` of the ranks' cluster: the largest MAD of log norms, log distances, cosines.
 
     Over the regular ranks only: finite statistics and a norm above ``_log``'s clamp (1e-3 x
@@ -155,9 +155,11 @@ def cluster_spread(stats: RankStatistics) -> float | None:
     pass for a tight cluster. ``None`` when the regular ranks are not a strict majority (the
     cluster is then undefined and callers keep constant floors); otherwise at least
     ``MIN_SPREAD``. Invariant under scaling every update by the same positive constant.
+    ``regular``: :func:`regular_ranks` of ``stats`` when the caller has it already.
     """
     n = len(stats.norms)
-    regular = regular_ranks(stats)
+    if regular is None:
+        regular = regular_ranks(stats)
     if len(regular) < n // 2 + 1:
         return None
     log_norms, log_distances = _log(stats.norms), _log(stats.distances)
@@ -201,7 +203,8 @@ def detect(
     and the cosine bound flag. Pure function of ``stats``: every rank computes the same flags
     from the same statistics.
     """
-    spread = cluster_spread(stats) if spread_factor is not None else None
+    regular = regular_ranks(stats)
+    spread = cluster_spread(stats, regular) if spread_factor is not None else None
     if spread is not None:
         log_floor = min(log_floor, spread_factor * spread)
         cosine_floor = min(cosine_floor, spread_factor * spread)
@@ -213,7 +216,7 @@ def detect(
     # rewards — there is no majority to measure against: a rank with a real gradient would look
     # like an outlier of the zeros. The robust rule's output is then ~0 whatever one rank sends,
     # so only nonfinite statistics and the absolute cosine bound flag.
-    comparable = len(regular_ranks(stats)) >= len(stats.norms) // 2 + 1
+    comparable = len(regular) >= len(stats.norms) // 2 + 1
 
     def suspicious(i: int) -> bool:
         if not all(math.isfinite(v) for v in (z_d[i], z_n[i], z_c[i], stats.cosines[i])):
