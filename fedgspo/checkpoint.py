@@ -53,6 +53,7 @@ from fedgspo.runfiles import sha256_file, write_json_atomic
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 CHECKPOINTS = runfiles.CHECKPOINTS
+SITE_STATES = runfiles.SITE_STATES
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 log = logging.getLogger(__name__)
 
@@ -544,6 +545,35 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     else:
         log.warning("%s has no RNG state for rank %d; keeping the seeded state", path, rank)
     return checkpoint_info(path, manifest), load_state(path, "extra", manifest)
+
+
+def site_state_dir(run_dir: Path, site: int, step: int) -> Path:
+    """Where site ``site`` keeps its own state of the checkpoint after ``step``."""
+    return Path(run_dir) / SITE_STATES / f"site{site}" / CheckpointManager.step_dir_name(step)
+
+
+def save_site_state(run_dir: Path, site: int, step: int, state: Any, *, keep_last: int) -> str:
+    """Write one site's own state (what no other site holds: its weights mid-round, its inner
+    optimizer, its error-feedback residual) atomically beside the run's checkpoint of ``step``;
+    returns the sha256 of its manifest, which the run's checkpoint records. Keeps the newest
+    ``keep_last`` states of the site. Called by the site's leader only."""
+    directory = site_state_dir(run_dir, site, step)
+    _atomic_checkpoint(directory, lambda tmp: save_state(tmp, "site", state), {"step": step, "site": site})
+    states = sorted(p for p in directory.parent.iterdir() if _STEP_DIR.match(p.name))
+    for old in states[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return sha256_file(directory / MANIFEST)
+
+
+def load_site_state(run_dir: Path, site: int, step: int, sha256: str) -> Any:
+    """The state :func:`save_site_state` wrote for ``site`` at ``step``, every file hashed as
+    read; :class:`CheckpointError` when it is missing or is not the state the run's checkpoint
+    recorded (``sha256`` of its manifest)."""
+    directory = site_state_dir(run_dir, site, step)
+    manifest = read_manifest(directory)
+    if sha256_file(directory / MANIFEST) != sha256:
+        raise CheckpointError(f"{directory / MANIFEST}: not the site state the checkpoint recorded")
+    return load_state(directory, "site", manifest)
 
 
 def _load_model_bytes(model: torch.nn.Module, data: bytes) -> tuple[list[str], list[str]]:

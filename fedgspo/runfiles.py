@@ -5,10 +5,12 @@ A run directory (``runs/<name>`` by default) holds::
     config.yaml         the resolved config              metrics.jsonl    one record per step
     summary.json        written at the end               events.jsonl     rank 0's event bus
     registry.sqlite     the entity registry              alerts.jsonl     alerts that fired
-    audit.jsonl         hash-chained audit log           traces.jsonl     OpenTelemetry spans
+    audit.jsonl         hash-chained audit log           traces.jsonl     rank 0's OpenTelemetry spans
     audit.head.json     signed head of the audit log    hotswap.json     pending hot swaps
     checkpoints/        step_NNNNNNNN/ and final/        requests/        signed operator requests
+    sites/              siteK/step_NNNNNNNN/: a site's own state at a checkpoint (federated local steps)
     tensorboard/        TensorBoard event files          export/          the trained model
+    traces.rank<N>.jsonl  rank N's spans (N > 0)
 
 Every other module takes its paths from here (:class:`RunFiles`), so a file is named once. This
 module imports nothing of fedgspo and may be imported from any package.
@@ -33,8 +35,10 @@ ALERTS = "alerts.jsonl"
 AUDIT = "audit.jsonl"
 AUDIT_HEAD = "audit.head.json"
 TRACES = "traces.jsonl"
+TRACES_OF_RANK = "traces.rank{rank}.jsonl"
 HOTSWAP = "hotswap.json"
 CHECKPOINTS = "checkpoints"
+SITE_STATES = "sites"
 FINAL_CHECKPOINT = "final"
 REQUESTS = "requests"
 TENSORBOARD = "tensorboard"
@@ -61,6 +65,12 @@ class RunFiles:
     audit = property(lambda self: self.root / AUDIT)
     audit_head = property(lambda self: self.root / AUDIT_HEAD)
     traces = property(lambda self: self.root / TRACES)
+
+    def traces_of(self, rank: int) -> Path:
+        """Where rank ``rank`` writes its spans: ``traces.jsonl`` for rank 0,
+        ``traces.rank<N>.jsonl`` for the others."""
+        return self.traces if rank == 0 else self.root / TRACES_OF_RANK.format(rank=rank)
+
     hotswap = property(lambda self: self.root / HOTSWAP)
     checkpoints = property(lambda self: self.root / CHECKPOINTS)
     final_checkpoint = property(lambda self: self.root / CHECKPOINTS / FINAL_CHECKPOINT)

@@ -42,7 +42,7 @@ import yaml
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from fedgspo.checkpoint import CheckpointError, CheckpointManager
+from fedgspo.checkpoint import CheckpointError, CheckpointManager, load_site_state, save_site_state
 from fedgspo.config import Config, ConfigError, load_config
 from fedgspo.distributed import (
     DistContext,
@@ -56,6 +56,8 @@ from fedgspo.distributed import (
     participant_ids,
 )
 from fedgspo.faults import FaultInjector
+from fedgspo.federation.federation import Federation
+from fedgspo.federation.sites import SiteError, SiteLayout
 from fedgspo.gspo.data import Task
 from fedgspo.gspo.loss import GSPOStats, backward_in_micro_batches, group_advantages
 from fedgspo.gspo.model import ModelError, autocast, build_model, load_policy, trainable_numel, weights_sha256
@@ -143,6 +145,10 @@ class Trainer:
         self.model.train()
         # Only trainable parameters (LoRA: the adapters) are in the buffer the ranks exchange.
         self.grads = FlatGradients(list(self.model.parameters()))
+        # Sites: a plain mean inside each, the robust exchange between them (one participant
+        # per site), every step or every federated.local_steps steps (collective: builds groups).
+        self.fed = Federation(cfg.federated, rank=ctx.rank, world_size=ctx.world_size,
+                              local_world_size=ctx.local_world_size, params=self.grads.params)
         # The KL reference is the starting policy, frozen; only built when the KL is on. With
         # LoRA it is the base model itself, with the adapters switched off.
         self.reference = (copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -156,8 +162,9 @@ class Trainer:
         keyring = load_keyring(sec.key_file) if sec.key_file else None
         self.recorder = open_recorder(cfg, ctx, self.files, keyring)
         self.tracer = self.recorder.tracer
-        self.authenticator = (UpdateAuthenticator(keyring, ctx.rank, run_id=run_dir.name)
-                              if keyring and sec.authenticate_updates and ctx.world_size > 1 else None)
+        self.authenticator = (UpdateAuthenticator(keyring, self.fed.site, run_id=run_dir.name)
+                              if keyring and sec.authenticate_updates and self.fed.num_sites > 1
+                              and self.fed.is_leader else None)
         self.checkpoints = CheckpointManager(run_dir, cfg.checkpoint, rank=ctx.rank)
         # Hot-swappable parts: reward, aggregation rule, LR schedule.
         self.swapper = build_swapper(
@@ -168,14 +175,16 @@ class Trainer:
             self.optimizer, lambda s: self.swapper["lr_schedule"](s, cfg.train.max_steps, gspo.warmup_steps))
         # Robust aggregation and whom to trust: the rule object lives for the run (it keeps
         # state across steps) and is rebuilt only by a hot swap or a resume.
-        self.aggregator = agg.build(ctx.world_size)
+        # Participants of the cross-site exchange are sites (ranks when every rank is a site).
+        self.aggregator = agg.build(self.fed.num_sites)
         # Reputation belongs to participants, not rank numbers (which a restart may reorder).
         try:
-            self.participants = participant_ids(ctx.local_rank)
+            self.participants = self.fed.participants(participant_ids(ctx.local_rank))
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.reputation = ReputationTracker(ctx.world_size, agg.reputation, phases=gspo.num_iterations,
-                                            participants=self.participants)
+        self.reputation = ReputationTracker(
+            self.fed.num_sites, agg.reputation, participants=self.participants,
+            phases=gspo.num_iterations if self.fed.local_steps == 1 else 1)
         self.attack = cfg.attack
         # Sampling differs per rank; everything that must agree across ranks uses the cfg seed.
         self.sampler = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 9973 + ctx.rank)
@@ -183,16 +192,16 @@ class Trainer:
         self.step = 0
         self.batch: RolloutBatch | None = None  # the rollout the current steps train on
         self.proving = cfg.proof.rate > 0 and ctx.world_size > 1
-        self.proof_failed: list[int] = []  # ranks whose rollout proofs failed for the current batch
+        self.proof_failed: list[int] = []  # sites whose rollout proofs failed for the current batch
         self.stop_requested = False
         # A scheduler's signal on any rank stops every rank after the same step (agreed in
         # summarise's all-reduce); preempted_by names it.
         self.signals = StopSignals()
         self.preempted_by: str | None = None
         self.faults = FaultInjector(ctx.rank)
-        if ctx.world_size > 1 and self.aggregator.f == 0 and agg.rule != "mean":
-            self.recorder.say(f"note: {ctx.world_size} ranks leave {agg.rule} no Byzantine tolerance "
-                              f"(f=0); use 3+ ranks for f=1")
+        if self.fed.num_sites > 1 and self.aggregator.f == 0 and agg.rule != "mean":
+            self.recorder.say(f"note: {self.fed.num_sites} participants leave {agg.rule} no Byzantine tolerance "
+                              f"(f=0); use 3+ ranks (or sites) for f=1")
 
     # -- the step, in named parts --------------------------------------------------------------
 
@@ -205,7 +214,7 @@ class Trainer:
             rewards, parts = self.score(prompts, rollout, gspo.num_generations)
         rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.ctx.device)
         # A reward_flip attacker trains on poisoned rewards; the true ones are logged.
-        trained_on = poison_rewards(self.attack, rewards_t, rank, rollout_index)
+        trained_on = poison_rewards(self.attack, rewards_t, self.fed.site, rollout_index)
         advantages = group_advantages(trained_on, gspo.num_generations, scale=gspo.scale_rewards)
         return RolloutBatch(rollout, advantages, rewards_t, parts, rollout_index, self.reference_logps(rollout))
 
@@ -287,26 +296,51 @@ class Trainer:
             self.model, claim, step=batch.index, cfg=self.cfg.proof, temperature=gspo.temperature,
             eos_id=self.task.eos_id, pad_id=self.task.pad_id, stop_strings=gspo.stop_strings,
             tokenizer=self.tokenizer, expected_prompt_ids=expected)
-        self.proof_failed = result.failed
+        self.proof_failed = sorted({self.fed.layout.site_of(r) for r in result.failed})
         for r in result.failed:
             self.recorder.audit(PROOF_FAILURE, {"subject_rank": r, "rollout": batch.index}, step=self.step, rank=r)
 
     def aggregate(self, step: int) -> RobustReport:
-        """Replace this rank's gradient by the robust aggregate of all ranks' (in place), then
-        fold the report into every rank's reputation (identically on all ranks)."""
-        apply_attack(self.attack, self.grads.buffer, self.ctx.rank, step)
-        agg = self.cfg.aggregation
-        report = robust_all_reduce(
-            self.grads.buffer, self.aggregator, **agg.all_reduce_kwargs(),
-            weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed,
-            authenticator=self.authenticator, step=step if self.authenticator else None,
-            tamper=protocol_tamper(self.attack, self.ctx.rank, step))
+        """Average the gradient inside the site; with per-step sync (``local_steps == 1``) then
+        replace it by the robust aggregate across sites (:meth:`cross_site`). With local steps
+        the sites train on their own until the round ends (a report of no exchange)."""
+        self.fed.mean_in_site(self.grads.buffer)
+        if self.fed.local_steps > 1:
+            n = self.fed.num_sites
+            return RobustReport([0.0] * n, [0.0] * n, [], rule=self.aggregator.spec(), world_size=n)
+        return self.cross_site(self.grads.buffer, step, phase=step % self.cfg.gspo.num_iterations)
+
+    def end_round(self, step: int) -> tuple[RobustReport, dict[str, float]]:
+        """Close a round of local steps: the sites' pseudo-gradients are robust-aggregated and
+        the outer optimizer applies the result on every rank (the round is dropped on a
+        consensus failure). Returns the exchange's report and the round's figures."""
+        delta = self.fed.pseudo_gradient()
+        report = self.cross_site(delta, step, phase=0)
+        return report, self.fed.apply_round(delta, report.consensus_failed)
+
+    def cross_site(self, update: torch.Tensor, step: int, *, phase: int) -> RobustReport:
+        """Replace ``update`` on every rank by the robust aggregate of the sites' (in place; the
+        leaders exchange, then share inside their site), then fold the report into every
+        rank's reputation (identically on all ranks). Attacks act on the site's message."""
+        agg, fed = self.cfg.aggregation, self.fed
+        report = None
+        if fed.is_leader:
+            fed.compensate(update)
+            apply_attack(self.attack, update, fed.site, step, group=fed.groups.cross)
+            kwargs = agg.all_reduce_kwargs()
+            kwargs["mode"] = fed.mode_override or kwargs["mode"]
+            report = robust_all_reduce(
+                update, self.aggregator, **kwargs, group=fed.groups.cross, compression=fed.cfg.compression,
+                weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed,
+                authenticator=self.authenticator, step=step if self.authenticator else None,
+                tamper=protocol_tamper(self.attack, fed.site, step, group=fed.groups.cross))
+            fed.count_cross(update, kwargs["mode"])
+        report = fed.share(update, report)
         self.recorder.audit_auth_failures(report.auth_failed, step=step, mode=report.mode)
         measured = set(report.flagged) | set(self.proof_failed)
         was_quarantined = set(self.reputation.quarantined())
         # Deviations across steps count as flags (averaged per update of a rollout).
-        flagged = self.reputation.update(dataclasses.replace(report, flagged=sorted(measured)),
-                                         phase=step % self.cfg.gspo.num_iterations)
+        flagged = self.reputation.update(dataclasses.replace(report, flagged=sorted(measured)), phase=phase)
         report = dataclasses.replace(report, flagged=flagged)
         for r in flagged:
             self.recorder.audit(DETECTION, {
@@ -361,21 +395,34 @@ class Trainer:
 
     def use_rule(self, name: str) -> None:
         """Aggregate with rule ``name`` from now on (hot swap, resume); the run's entities follow."""
-        self.aggregator = self.cfg.aggregation.build(self.ctx.world_size, rule=name)
+        self.aggregator = self.cfg.aggregation.build(self.fed.num_sites, rule=name)
         self.recorder.rule_changed(self.aggregator.spec(), self.aggregator.f)
 
     def save_checkpoint(self, step: int, record: dict, *, now: bool = False) -> None:
         """Every ``checkpoint.every`` steps, or ``now`` (collective): model, optimizer, schedule,
         RNG and reputation; rank 0 audits it and registers it as the child of the previous one."""
-        save = self.checkpoints.save if now else self.checkpoints.maybe_save
-        info = save(step, self.model, self.optimizer, self.scheduler,
-                    {"reputation": self.reputation.state_dict(), "rule": self.swapper.slots["aggregator"]},
-                    {"sampler": self.sampler})
+        if not (now or self.checkpoints.due(step)):
+            return
+        extra = {"reputation": self.reputation.state_dict(), "rule": self.swapper.slots["aggregator"],
+                 "federated": self.fed.global_state(), "site_states": self.save_site_states(step)}
+        info = self.checkpoints.save(step, self.model, self.optimizer, self.scheduler, extra, {"sampler": self.sampler})
         if info is None:
             return
         self.recorder.audit(CHECKPOINT, {"path": str(info.path), "sha256": info.sha256,
                                          "weights_sha256": info.weights_sha256, "parent": info.parent}, step=step)
         self.recorder.checkpoint(info.path, info.step, info.sha256, {"reward_mean": record["reward_mean"]})
+
+    def save_site_states(self, step: int) -> list[str]:
+        """Each site's leader writes its site's own state (collective); returns the sha256 of
+        every site's, in site order ([] when sites hold nothing of their own)."""
+        if not self.fed.has_site_state:
+            return []
+        mine = b""
+        if self.fed.is_leader:
+            mine = save_site_state(self.files.root, self.fed.site, step, self.fed.site_state(self.optimizer),
+                                   keep_last=self.cfg.checkpoint.keep_last + 1).encode()
+        hashes = all_gather_bytes(mine)
+        return [_hex_digest(hashes[leader]) for leader in self.fed.layout.leaders]
 
     def resume(self) -> int:
         """Restore the newest verified checkpoint when ``checkpoint.resume`` asks for one
@@ -387,9 +434,20 @@ class Trainer:
             self.recorder.say(f"warning: skipped corrupt checkpoint {path}: {reason}")
         if resumed is None:
             return 0
-        self.reputation.load_state_dict(resumed.extra_state["reputation"])
-        self.swapper.slots["aggregator"] = resumed.extra_state["rule"]
-        self.aggregator = self.cfg.aggregation.build(self.ctx.world_size, rule=resumed.extra_state["rule"])
+        extra = resumed.extra_state
+        self.reputation.load_state_dict(extra["reputation"])
+        self.swapper.slots["aggregator"] = extra["rule"]
+        self.aggregator = self.cfg.aggregation.build(self.fed.num_sites, rule=extra["rule"])
+        try:
+            self.fed.load_global_state(extra.get("federated"))
+            if self.fed.has_site_state:
+                hashes = extra.get("site_states") or []
+                if len(hashes) != self.fed.num_sites:
+                    raise ValueError(f"the checkpoint records {len(hashes)} site states for {self.fed.num_sites} sites")
+                self.fed.load_site_state(load_site_state(self.files.root, self.fed.site, resumed.info.step,
+                                                         hashes[self.fed.site]), self.optimizer)
+        except ValueError as err:
+            raise CheckpointError(f"{resumed.info.path}: {err}") from None
         self.recorder.audit(RESUME, {"path": str(resumed.info.path), "sha256": resumed.info.sha256},
                             step=resumed.info.step)
         self.recorder.say(f"resumed from {resumed.info.path} (step {resumed.info.step})")
@@ -419,7 +477,7 @@ class Trainer:
             "consensus_failed": report.consensus_failed,
             "step_time_s": step_time, **{f"time_{k}_s": v for k, v in times.items()},
             "tokens_per_s": length * rewards.numel() * self.ctx.world_size / step_time,
-            "flagged_frac": len(report.flagged) / self.ctx.world_size,
+            "flagged_frac": len(report.flagged) / self.fed.num_sites, **self.fed.take_bytes(),
             "rank_z_score": report.z_scores, "rank_trust": [r.trust for r in ranks],
             "rank_flags": [r.flags for r in ranks], "rank_quarantined": [int(r.quarantined) for r in ranks],
             **self.recorder.counters(),
@@ -468,6 +526,8 @@ class Trainer:
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
                 if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps:
                     self.recorder.say(console_line(record, cfg.train.max_steps))
+                if self.stop_requested and not self.fed.round_ends(step, cfg.train.max_steps):
+                    self.end_round(step)  # a stopped run ends, like a finished one, with one set of weights
                 if self.stop_requested or self.preempted_by:
                     self.save_checkpoint(step + 1, record, now=True)
                     if self.preempted_by:
@@ -489,13 +549,20 @@ class Trainer:
         with phase(times, "rollout"):
             if step % mu == 0:
                 self.batch = self.collect(step // mu)
+        # Proofs are checked against this rank's weights: only while every rank holds the same.
+        prove = step % mu == 0 and self.proving and self.fed.round_starts(step)
         with phase(times, "backward"):
-            loss, stats = self.compute_gradients(self.batch, prove=step % mu == 0 and self.proving)
+            loss, stats = self.compute_gradients(self.batch, prove=prove)
         with phase(times, "aggregate"):
             report = self.aggregate(step)
         with phase(times, "optimizer"):
             grad_norm = self.optimizer_step(report)
+        round_figures: dict[str, float] = {}
+        if self.fed.round_ends(step, self.cfg.train.max_steps):
+            with phase(times, "outer"):
+                report, round_figures = self.end_round(step)
         record = self.summarise(step, self.batch, loss, stats, grad_norm, report, times)
+        record.update(round_figures)
         if self.cfg.eval.every and (step + 1) % self.cfg.eval.every == 0:
             with phase(times, "eval"):
                 record.update(self.evaluate_split())
@@ -617,6 +684,10 @@ def run(cfg: Config, ctx: DistContext) -> dict | None:
     """Train one run on every rank; returns its summary on rank 0 (``None`` elsewhere).
     Raises :class:`ConfigError` when the run directory is taken (on every rank)."""
     hf_logging.disable_progress_bar()  # transformers' bar on every checkpoint write
+    try:
+        SiteLayout.from_config(cfg.federated, ctx.world_size, ctx.local_world_size)
+    except SiteError as err:
+        raise ConfigError(str(err)) from None
     prepared = prepare(cfg, ctx)
     run_dir = resolve_run_dir(cfg, ctx)
     try:

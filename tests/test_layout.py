@@ -23,8 +23,10 @@ ALLOWED = {
     "entities": {"runfiles", "distributed"},
     "integrity": {"gspo", "distributed", "runfiles"},
     "telemetry": {"entities", "runfiles"},
-    "top": {"runfiles", "distributed", "gspo", "robust", "entities", "integrity", "telemetry"},
-    "cli": {"runfiles", "distributed", "gspo", "robust", "entities", "integrity", "telemetry", "top"},
+    "federation": {"robust", "distributed"},
+    "top": {"runfiles", "distributed", "gspo", "robust", "entities", "integrity", "telemetry", "federation"},
+    "cli": {"runfiles", "distributed", "gspo", "robust", "entities", "integrity", "telemetry", "federation",
+            "top"},
 }
 
 

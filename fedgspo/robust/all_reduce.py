@@ -108,6 +108,7 @@ import torch.distributed as dist
 
 from fedgspo.robust.aggregators import Aggregator, build_aggregator
 from fedgspo.robust.authentication import ExchangeAuthenticator
+from fedgspo.robust.compression import CODECS
 from fedgspo.robust.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.shard_exchange import (
@@ -468,6 +469,7 @@ def robust_all_reduce(
     authenticator: ExchangeAuthenticator | None = None,
     step: int | None = None,
     tamper: ProtocolTamper | None = None,
+    compression: str = "none",
     **rule_options: float | int,
 ) -> RobustReport:
     """Replace ``tensor`` in place, on every rank, by the robust aggregate of all ranks' tensors.
@@ -496,6 +498,11 @@ def robust_all_reduce(
         tamper: makes *this* rank lie inside the exchange (attack simulation; module
             docstring). None (default): the honest protocol, no extra cost.
         rule_options: the rule's (and bucketing's) further arguments.
+        compression: how the updates travel (:mod:`fedgspo.robust.compression`): ``"none"``;
+            ``"bf16"`` (any mode: the call runs on a bfloat16 copy, so the rule and its
+            statistics see bfloat16 values); ``"int8"`` (``mode="replicated"`` only: each
+            rank's update travels as int8 codes with per-chunk scales and every rank
+            aggregates the decoded updates). The result has the tensor's dtype.
 
     Returns:
         A :class:`RobustReport`, identical on every rank.
@@ -503,6 +510,18 @@ def robust_all_reduce(
     Raises:
         ValueError: on every rank, for invalid or inconsistent arguments (tensor unchanged).
     """
+    if compression not in CODECS:
+        raise ValueError(f"compression {compression!r}: choose from {', '.join(CODECS)}")
+    if compression == "int8" and mode != "replicated":
+        raise ValueError(f"compression 'int8' needs mode 'replicated' (got {mode!r})")
+    if compression == "bf16" and tensor.dtype != torch.bfloat16:
+        wire = tensor.to(torch.bfloat16)
+        report = robust_all_reduce(
+            wire, rule, f, group, mode=mode, z_threshold=z_threshold, exclude=exclude, weights=weights,
+            exclude_flagged=exclude_flagged, pre=pre, authenticator=authenticator, step=step, tamper=tamper,
+            **rule_options)
+        tensor.copy_(wire)
+        return report
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         spec = rule.spec() if isinstance(rule, Aggregator) else rule
         return RobustReport([0.0], [0.0], [], cosines=[1.0], norms=[float(tensor.norm())], weights=[1.0], rule=spec)
@@ -513,7 +532,7 @@ def robust_all_reduce(
     )
     config_text = repr(
         (agg.spec() if agg else rule, mode, sorted(agg.options().items()) if agg else options, sorted(exclude),
-         weights, z_threshold, exclude_flagged, authenticator is not None)
+         weights, z_threshold, exclude_flagged, authenticator is not None, compression)
     )
     with torch.no_grad():
         flat = tensor.reshape(-1)
@@ -521,7 +540,7 @@ def robust_all_reduce(
                             step if authenticator is not None else None, tensor.device)
         if tamper is not None:
             tamper.metadata(row)
-        layout = None if error else Layout(mode, flat.numel(), tensor.dtype)
+        layout = None if error else Layout(mode, flat.numel(), tensor.dtype, compression)
         agg, meta, layout, moved = _agree_and_move(flat, row, layout, agg, error, group, n)
         nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, META_SQ_NORM])]
         keep = [r for r in range(n) if r not in set(exclude) and w[r] > 0 and r not in nonfinite]

@@ -103,6 +103,7 @@ from typing import Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
+from fedgspo.robust.compression import decode_int8, encode_int8, payload_numel
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.aggregators import Aggregator, ShardContext
 
@@ -384,6 +385,7 @@ class Layout:
     mode: str
     numel: int
     dtype: torch.dtype
+    codec: str = "none"  # "int8": replicated rows travel as encode_int8 payloads
 
     def placeholder(self, device: torch.device) -> torch.Tensor:
         """A zero update of this layout: what a rank whose own arguments do not fit sends."""
@@ -399,7 +401,15 @@ Moved = tuple[torch.Tensor, torch.Tensor]
 def exchange(layout: Layout, flat: torch.Tensor, group: dist.ProcessGroup | None, n: int) -> Moved:
     """Run the data collective of ``layout`` with ``flat`` (``layout.numel`` elements of
     ``layout.dtype``): ``all_to_all_single`` of the shards (sharded, audited) or
-    ``all_gather_single`` of the full updates (replicated). Reads ``flat``, never writes it."""
+    ``all_gather_single`` of the full updates (replicated; with the ``int8`` codec, of their
+    payloads, decoded on arrival: the sent row returned is this rank's decoded one, the value
+    every other rank aggregates). Reads ``flat``, never writes it."""
+    if layout.mode == "replicated" and layout.codec == "int8":
+        payload = encode_int8(flat)
+        gathered = _buffer("replicated-int8", n * payload.numel(), torch.uint8, flat.device).view(n, -1)
+        all_gather_single(gathered.view(-1), payload, group=group)
+        stack = torch.stack([decode_int8(gathered[r], flat.numel()) for r in range(n)]).to(flat.dtype)
+        return stack[dist.get_rank(group)], stack
     if layout.mode == "replicated":
         gathered = _buffer("replicated", n * flat.numel(), flat.dtype, flat.device)
         all_gather_single(gathered, flat.contiguous(), group=group)
@@ -410,6 +420,24 @@ def exchange(layout: Layout, flat: torch.Tensor, group: dist.ProcessGroup | None
     recv = _buffer("recv", send.numel(), flat.dtype, flat.device).view(send.shape)
     dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
     return send, recv
+
+
+def sent_bytes(layout: Layout, n: int) -> int:
+    """Bytes one rank sends in the data messages of an exchange of ``layout`` among ``n``
+    ranks: its shards to their owners and its aggregated shard to every rank (sharded; audited
+    sends every shard twice), or its update (its int8 payload) to every other rank
+    (replicated, an all-gather counted as a ring: ``n - 1`` copies). The float64 metadata rows
+    and partial statistics (``(n - 1) * (2n + 8) * 8`` bytes) are included; tags and
+    transport framing are not."""
+    if n <= 1:
+        return 0
+    small = (n - 1) * (2 * n + 8) * 8
+    size = torch.empty((), dtype=layout.dtype).element_size()
+    if layout.mode == "replicated":
+        payload = payload_numel("int8", layout.numel) if layout.codec == "int8" else layout.numel * size
+        return (n - 1) * payload + small
+    shard = -(-layout.numel // n) * size
+    return (n - 1) * shard * (3 if layout.mode == "audited" else 2) + small
 
 
 def _send_layout(flat: torch.Tensor, n: int, s: int, audited: bool) -> torch.Tensor:
