@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedgspo.federation.config import FederatedConfig
 from fedgspo.robust.config import AggregationConfig
 from fedgspo.telemetry.alerts import AlertsConfig
 from fedgspo.gspo.model import ModelConfig
@@ -118,6 +119,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
     tracing: TracingConfig = TracingConfig()
+    federated: FederatedConfig = FederatedConfig()
     attack: AttackConfig | None = Field(None, description="Simulated Byzantine ranks (testing only).")
 
     @model_validator(mode="after")
