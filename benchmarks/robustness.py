@@ -130,15 +130,16 @@ def error_excerpt(stderr: str, limit: int = 3000) -> str:
     return stderr[start : start + limit] if start >= 0 else stderr[-limit:]
 
 
-def launch(cell: Cell, run_dir: Path, nproc: int, steps: int, seed: int, timeout: float) -> dict[str, Any]:
-    """Run one cell with torchrun (replacing ``run_dir``; stderr kept in ``<run_dir>.stderr.txt``);
+def launch(overrides: list[str], run_dir: Path, nproc: int, timeout: float) -> dict[str, Any]:
+    """Run one training with torchrun and ``overrides`` (replacing ``run_dir``; stderr kept in
+    ``<run_dir>.stderr.txt``);
     returns command, exit code (None on timeout), wall time and, on failure, the error.
     Never raises for a failed or timed-out run."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fedgspo.train", f"run.dir={run_dir}", *cell.overrides(nproc, steps, seed)]
+           "-m", "fedgspo.train", f"run.dir={run_dir}", *overrides]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -218,7 +219,7 @@ def run_cell(cell: Cell, runs_dir: Path, nproc: int, steps: int, seed: int, time
     ``status`` is ``ok`` or ``failed``; ``failed_attempts`` keeps the errors of failed tries."""
     run_dir, failures = runs_dir / cell.name, []
     for _ in range(retries + 1):
-        launched = launch(cell, run_dir, nproc, steps, seed, timeout)
+        launched = launch(cell.overrides(nproc, steps, seed), run_dir, nproc, timeout)
         records = read_metrics(run_dir)
         ok = launched["returncode"] == 0 and len(records) == steps
         if ok:

@@ -63,6 +63,7 @@ BENCHMARKS: dict[str, Bench] = {
     "protocol": Bench("protocol.py"),
     "real_model": Bench("real_model.py", cheap=False),
     "preemption": Bench("preemption.py", cheap=False),
+    "federated": Bench("federated.py", cheap=False, out_folder=True),
 }
 
 

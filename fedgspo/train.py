@@ -597,8 +597,14 @@ class Trainer:
 
     def start(self, first_step: int) -> None:
         """Rank 0 writes the resolved config, audits the start and registers the run."""
+        fed = self.fed
+        every = "step" if fed.local_steps == 1 else f"{fed.local_steps} steps (one round)"
         self.recorder.say(f"policy: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                          f"{trainable_numel(self.model):,} trained and exchanged per step")
+                          f"{trainable_numel(self.model):,} trained and exchanged every {every}")
+        if not fed.layout.trivial or fed.local_steps > 1 or fed.cfg.compression != "none":
+            self.recorder.say(f"federation: {fed.num_sites} sites {[list(s) for s in fed.layout.sites]}, "
+                              f"local_steps={fed.local_steps}, compression={fed.cfg.compression}"
+                              f"{' with error feedback' if fed.feedback else ''}")
         parent = self.checkpoints.parent
         hf = self.model.config
         self.recorder.start(

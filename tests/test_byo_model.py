@@ -108,7 +108,7 @@ def test_lora_trains_and_exchanges_only_the_adapters(workspace: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(workspace / "model")
     adapter_numel = sum(p.numel() for p in get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
                         .parameters() if p.requires_grad)
-    assert f"{adapter_numel:,} trained and exchanged per step" in proc.stderr
+    assert f"{adapter_numel:,} trained and exchanged every step" in proc.stderr
     # The final checkpoint is the adapter alone; the base weights never changed.
     saved = load_file(run / "checkpoints" / "final" / "adapter_model.safetensors")
     assert sum(t.numel() for t in saved.values()) == adapter_numel
