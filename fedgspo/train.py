@@ -526,7 +526,7 @@ class Trainer:
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
                 if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.train.max_steps:
                     self.recorder.say(console_line(record, cfg.train.max_steps))
-                if self.stop_requested and not self.fed.round_ends(step, cfg.train.max_steps):
+                if self.stop_requested and self.fed.mid_round(step, cfg.train.max_steps):
                     self.end_round(step)  # a stopped run ends, like a finished one, with one set of weights
                 if self.stop_requested or self.preempted_by:
                     self.save_checkpoint(step + 1, record, now=True)

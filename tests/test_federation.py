@@ -207,3 +207,13 @@ def test_one_site_per_rank_and_one_step_is_the_per_rank_trainer(tmp_path):
                                   "federated.local_steps=1")
     assert explicit["weights_sha256"] == default["weights_sha256"]
     assert all("round" not in r and r["comm_bytes_intra"] == 0 for r in records)
+
+
+def test_local_steps_in_one_process_close_a_round_at_the_last_step(tmp_path):
+    from fedgspo.train import main
+
+    run = tmp_path / "r"
+    assert main([f"run.dir={run}", *FAST, "train.max_steps=6", "federated.local_steps=4"]) == 0
+    records = read_metrics(run)
+    assert [(r["step"], r["round"]) for r in records if "round" in r] == [(3, 0), (5, 1)]
+    assert all(r["comm_bytes"] == 0 for r in records)  # one site: nothing crosses

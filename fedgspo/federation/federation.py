@@ -65,6 +65,10 @@ class Federation:
         and at the run's last step, so a run always ends with every rank's weights equal."""
         return self.outer is not None and ((step + 1) % self.local_steps == 0 or step + 1 == max_steps)
 
+    def mid_round(self, step: int, max_steps: int) -> bool:
+        """Whether the sites train on their own after inner step ``step`` (the round is open)."""
+        return self.outer is not None and not self.round_ends(step, max_steps)
+
     def round_starts(self, step: int) -> bool:
         """Whether every rank holds the round's start weights at ``step`` (before training)."""
         return self.outer is None or step % self.local_steps == 0
