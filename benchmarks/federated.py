@@ -20,7 +20,7 @@ reward target is this modelled time summed up to the first step whose moving mea
 
 Run::
 
-    python benchmarks/federated.py                 # 300 inner steps, 16 runs (~30 min on 2 cores)
+    python benchmarks/federated.py                 # 320 inner steps, 18 runs (~40 min on 2 cores)
     python benchmarks/federated.py --quick         # 60 steps, the clean runs and one attack
 
 Output: the tables (markdown) on stdout and ``<out>/federated.json`` (machine info, every run's
@@ -153,7 +153,7 @@ def attack_table(runs: dict[str, dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=320, help="a multiple of 16: every H closes whole rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--target", type=float, default=0.9, help="fraction of sync's final reward")

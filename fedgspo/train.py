@@ -327,14 +327,13 @@ class Trainer:
         if fed.is_leader:
             fed.compensate(update)
             apply_attack(self.attack, update, fed.site, step, group=fed.groups.cross)
-            kwargs = agg.all_reduce_kwargs()
-            kwargs["mode"] = fed.mode_override or kwargs["mode"]
             report = robust_all_reduce(
-                update, self.aggregator, **kwargs, group=fed.groups.cross, compression=fed.cfg.compression,
+                update, self.aggregator, **agg.all_reduce_kwargs(), group=fed.groups.cross,
+                compression=fed.cfg.compression,
                 weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed,
                 authenticator=self.authenticator, step=step if self.authenticator else None,
                 tamper=protocol_tamper(self.attack, fed.site, step, group=fed.groups.cross))
-            fed.count_cross(update, kwargs["mode"])
+            fed.count_cross(update, agg.mode)
         report = fed.share(update, report)
         self.recorder.audit_auth_failures(report.auth_failed, step=step, mode=report.mode)
         measured = set(report.flagged) | set(self.proof_failed)

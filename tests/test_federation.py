@@ -90,6 +90,7 @@ def test_sent_bytes_of_the_layouts():
     assert sent_bytes(Layout("sharded", d, torch.float32), n) == 2 * (n - 1) * 2500 * 4 + small
     assert sent_bytes(Layout("sharded", d, torch.bfloat16), n) == 2 * (n - 1) * 2500 * 2 + small
     assert sent_bytes(Layout("replicated", d, torch.float32, "int8"), n) == (n - 1) * (d + 4 * 40) + small
+    assert sent_bytes(Layout("sharded", d, torch.float32, "int8"), n) == 2 * (n - 1) * (2500 + 4 * 10) + small
     assert sent_bytes(Layout("sharded", d, torch.float32), 1) == 0
 
 
@@ -101,28 +102,36 @@ def _compressed_reduce(rank: int, world: int, codec: str, mode: str) -> tuple[li
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("codec", "mode"), [("int8", "replicated"), ("bf16", "sharded")])
+@pytest.mark.parametrize(("codec", "mode"), [("int8", "replicated"), ("int8", "sharded"), ("bf16", "sharded")])
 def test_compressed_robust_all_reduce_runs_the_rule_on_decoded_updates(codec, mode):
     results = values(run_ranks(_compressed_reduce, 4, codec, mode))
     rows = []
     for r in range(4):
         torch.manual_seed(100 + r)
         rows.append(torch.randn(1000) + (30.0 if r == 3 else 0.0))
-    # numpy's median of the decoded updates (the mean of the two middle values for n = 4)
-    if codec == "int8":
+    # numpy's median of the decoded updates (the mean of the two middle values for n = 4);
+    # sharded int8 encodes each rank's 4 shards on their own and sends the median's shards as int8
+    def shardwise(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([round_trip("int8", part) for part in x.view(4, -1)])
+
+    if codec == "int8" and mode == "sharded":
+        decoded, atol = torch.stack([shardwise(row) for row in rows]), 1e-6
+    elif codec == "int8":
         decoded, atol = torch.stack([round_trip("int8", row) for row in rows]), 1e-6
     else:
         decoded, atol = torch.stack([row.to(torch.bfloat16) for row in rows]).float(), 2e-2
     expected = torch.from_numpy(np.median(decoded.numpy(), axis=0))
+    if codec == "int8" and mode == "sharded":
+        expected = shardwise(expected)
     for result, flagged in results:
         assert torch.allclose(torch.tensor(result), expected, atol=atol)
         assert flagged == [3]
     assert results[0][0] == results[1][0] == results[2][0] == results[3][0]
 
 
-def test_int8_needs_the_replicated_exchange():
-    with pytest.raises(ValueError, match="replicated"):
-        robust_all_reduce(torch.zeros(4), "median", mode="sharded", compression="int8")
+def test_int8_is_refused_in_the_audited_exchange():
+    with pytest.raises(ValueError, match="audited"):
+        robust_all_reduce(torch.zeros(4), "median", mode="audited", compression="int8")
 
 
 # -- the outer optimizer -------------------------------------------------------------------------

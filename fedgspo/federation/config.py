@@ -29,8 +29,8 @@ class FederatedConfig(BaseModel):
     outer_lr: float | None = Field(None, gt=0, description="Outer learning rate; default 0.7 (nesterov) or 1.0.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer Nesterov momentum.")
     compression: Literal[CODECS] = Field(  # type: ignore[valid-type]
-        "none", description="How updates cross sites: none, bf16, or int8 (per-chunk scale; uses the "
-        "replicated exchange).")
+        "none", description="How updates cross sites: none, bf16, or int8 (per-chunk scale; sharded or "
+        "replicated exchange, not audited).")
     error_feedback: bool = Field(False, description="Carry what compression dropped into the next round.")
 
     @model_validator(mode="after")

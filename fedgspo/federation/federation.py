@@ -55,11 +55,6 @@ class Federation:
     def is_leader(self) -> bool:
         return self.groups.is_leader
 
-    @property
-    def mode_override(self) -> str | None:
-        """The exchange mode compression needs (int8 travels in the replicated exchange)."""
-        return "replicated" if self.cfg.compression == "int8" else None
-
     def round_ends(self, step: int, max_steps: int) -> bool:
         """Whether inner step ``step`` (0-based) closes a round: every ``local_steps`` steps
         and at the run's last step, so a run always ends with every rank's weights equal."""

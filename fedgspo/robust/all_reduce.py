@@ -500,9 +500,10 @@ def robust_all_reduce(
         rule_options: the rule's (and bucketing's) further arguments.
         compression: how the updates travel (:mod:`fedgspo.robust.compression`): ``"none"``;
             ``"bf16"`` (any mode: the call runs on a bfloat16 copy, so the rule and its
-            statistics see bfloat16 values); ``"int8"`` (``mode="replicated"`` only: each
-            rank's update travels as int8 codes with per-chunk scales and every rank
-            aggregates the decoded updates). The result has the tensor's dtype.
+            statistics see bfloat16 values); ``"int8"`` (sharded or replicated, not audited:
+            every update, or every shard of it, travels as int8 codes with per-chunk scales
+            and is aggregated decoded; sharded also sends the aggregated shards as int8).
+            The result has the tensor's dtype.
 
     Returns:
         A :class:`RobustReport`, identical on every rank.
@@ -512,8 +513,8 @@ def robust_all_reduce(
     """
     if compression not in CODECS:
         raise ValueError(f"compression {compression!r}: choose from {', '.join(CODECS)}")
-    if compression == "int8" and mode != "replicated":
-        raise ValueError(f"compression 'int8' needs mode 'replicated' (got {mode!r})")
+    if compression == "int8" and mode == "audited":
+        raise ValueError("compression 'int8' works with mode 'sharded' or 'replicated', not 'audited'")
     if compression == "bf16" and tensor.dtype != torch.bfloat16:
         wire = tensor.to(torch.bfloat16)
         report = robust_all_reduce(
@@ -556,7 +557,7 @@ def robust_all_reduce(
                 report, result, audit, plan = replicated(plan, moved, judge, verify)
             else:
                 report, result, audit, plan = sharded(plan, flat, moved, group, judge, audited=mode == "audited",
-                                                      verify=verify, tamper=tamper)
+                                                      verify=verify, tamper=tamper, codec=compression)
             if report is None:
                 report = _failed_report(
                     plan, mode, f"after excluding ranks {plan.auth_failed} whose updates failed authentication, "

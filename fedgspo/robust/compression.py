@@ -64,7 +64,7 @@ def decode_int8(payload: torch.Tensor, numel: int) -> torch.Tensor:
         raise ValueError(f"int8 payload of {payload.numel()} bytes for {numel} elements "
                          f"(expected {payload_numel('int8', numel)})")
     chunks = math.ceil(numel / INT8_CHUNK)
-    scales = payload[: 4 * chunks].contiguous().view(torch.float32).clone()
+    scales = payload[: 4 * chunks].clone().view(torch.float32)  # a copy: a row may start unaligned
     scales[~torch.isfinite(scales) | (scales < 0)] = 0.0
     codes = payload[4 * chunks:].contiguous().view(torch.int8).float()
     padded = torch.zeros(chunks * INT8_CHUNK, dtype=torch.float32, device=payload.device)

@@ -356,12 +356,14 @@ def post_rows(row: torch.Tensor, group: dist.ProcessGroup | None, n: int) -> Cal
 
 def publish(
     shard: torch.Tensor, stats: torch.Tensor, group: dist.ProcessGroup | None, n: int,
-    into: torch.Tensor | None = None, tamper: ProtocolTamper | None = None,
+    into: torch.Tensor | None = None, tamper: ProtocolTamper | None = None, codec: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every owner's aggregated shard and float64 partial statistics on every rank, in one
     point-to-point round; returns the ``(n, s)`` shards (written into ``into`` when given, e.g.
     the caller's tensor viewed as ``(n, s)``) and the ``(n, 2n + 1)`` statistics on the CPU.
-    ``tamper`` alters what this rank publishes (its own row included)."""
+    ``tamper`` alters what this rank publishes (its own row included). With the ``int8`` codec
+    the shards travel as int8 payloads and every rank, the owner included, keeps the decoded
+    ones (the statistics stay the owner's, of its exact shard)."""
     s = shard.numel()
     out = into if into is not None else _buffer("published", n * s, shard.dtype, shard.device).view(n, s)
     mine = shard.reshape(-1).contiguous()
@@ -371,8 +373,16 @@ def publish(
         tamper.aggregate(mine)
         tamper.statistics(stats)
     stats_out = torch.empty(n, stats.numel(), dtype=torch.float64, device=shard.device)
-    for work in _p2p_all([(SHARD_TAG, mine, out), (STATS_TAG, stats, stats_out)], group, n):
+    if codec == "int8":
+        payload = encode_int8(mine)
+        payloads = _buffer("published-int8", n * payload.numel(), torch.uint8, shard.device).view(n, -1)
+        works = _p2p_all([(SHARD_TAG, payload, payloads), (STATS_TAG, stats, stats_out)], group, n)
+    else:
+        works = _p2p_all([(SHARD_TAG, mine, out), (STATS_TAG, stats, stats_out)], group, n)
+    for work in works:
         work.wait()
+    if codec == "int8":
+        out.copy_(torch.stack([decode_int8(payloads[r], s) for r in range(n)]).to(out.dtype))
     return out, stats_out.cpu()
 
 
@@ -401,9 +411,10 @@ Moved = tuple[torch.Tensor, torch.Tensor]
 def exchange(layout: Layout, flat: torch.Tensor, group: dist.ProcessGroup | None, n: int) -> Moved:
     """Run the data collective of ``layout`` with ``flat`` (``layout.numel`` elements of
     ``layout.dtype``): ``all_to_all_single`` of the shards (sharded, audited) or
-    ``all_gather_single`` of the full updates (replicated; with the ``int8`` codec, of their
-    payloads, decoded on arrival: the sent row returned is this rank's decoded one, the value
-    every other rank aggregates). Reads ``flat``, never writes it."""
+    ``all_gather_single`` of the full updates (replicated). With the ``int8`` codec each
+    update (replicated) or each destination's shard (sharded) travels as an int8 payload,
+    decoded on arrival; what is returned as sent is the decoded value every receiver holds.
+    Reads ``flat``, never writes it."""
     if layout.mode == "replicated" and layout.codec == "int8":
         payload = encode_int8(flat)
         gathered = _buffer("replicated-int8", n * payload.numel(), torch.uint8, flat.device).view(n, -1)
@@ -417,6 +428,12 @@ def exchange(layout: Layout, flat: torch.Tensor, group: dist.ProcessGroup | None
     audited = layout.mode == "audited"
     s = -(-flat.numel() // n)
     send = _send_layout(flat, n, s, audited)
+    if layout.codec == "int8":  # sharded: each destination's shard is its own payload
+        payloads = torch.stack([encode_int8(row) for row in send])
+        received = torch.empty_like(payloads)
+        dist.all_to_all_single(received.view(-1), payloads.view(-1), group=group)
+        decode = lambda rows: torch.stack([decode_int8(row, s) for row in rows]).to(flat.dtype)  # noqa: E731
+        return decode(payloads), decode(received)
     recv = _buffer("recv", send.numel(), flat.dtype, flat.device).view(send.shape)
     dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
     return send, recv
@@ -436,7 +453,8 @@ def sent_bytes(layout: Layout, n: int) -> int:
     if layout.mode == "replicated":
         payload = payload_numel("int8", layout.numel) if layout.codec == "int8" else layout.numel * size
         return (n - 1) * payload + small
-    shard = -(-layout.numel // n) * size
+    s = -(-layout.numel // n)
+    shard = payload_numel("int8", s) if layout.codec == "int8" else s * size
     return (n - 1) * shard * (3 if layout.mode == "audited" else 2) + small
 
 
@@ -476,10 +494,12 @@ def sharded(
     audited: bool,
     verify: Verify | None = None,
     tamper: ProtocolTamper | None = None,
+    codec: str = "none",
 ) -> Exchanged[V]:
     """Sharded (optionally audited) aggregation of what :func:`exchange` moved; writes the
     result into ``flat`` and returns it (``flat`` may be overwritten before a consensus
-    failure is known: the caller zeroes it then)."""
+    failure is known: the caller zeroes it then). ``codec`` ``int8`` (not audited) publishes
+    the aggregated shards as int8."""
     n, d = plan.n, flat.numel()
     send, recv = moved
     s = recv.shape[-1]
@@ -495,7 +515,7 @@ def sharded(
 
         def rounds(keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, AuditOutcome]:
             shard = aggregate_rows(plan, recv, keep, ctx)
-            gathered, stats = publish(shard, partial_stats(recv, shard), group, n, into, tamper)
+            gathered, stats = publish(shard, partial_stats(recv, shard), group, n, into, tamper, codec)
             return gathered, stats, AuditOutcome()
 
     gathered, stats, audit = rounds(plan.keep)
