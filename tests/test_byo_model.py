@@ -151,6 +151,25 @@ def test_by_file_partition_reads_only_the_ranks_own_file(workspace: Path) -> Non
     assert not (workspace / "by_file_missing").exists()
 
 
+@pytest.mark.slow
+def test_sites_with_their_own_files_train_lora_with_local_steps(workspace: Path) -> None:
+    sites = workspace / "fed_sites"
+    for rank in range(2):
+        H.write_jsonl(sites / f"site_{rank}.jsonl", H.arithmetic_rows(8))
+    run = workspace / "federated_lora"
+    proc = launch(workspace, [f"run.dir={run}", f"model.path={workspace / 'model'}",
+                              f"task.dataset={sites / 'site_{rank}.jsonl'}", "task.partition=by_file",
+                              "task.reward_funcs=[{name: user_rewards.sevens}]", "model.lora={r: 2, alpha: 4}",
+                              "federated.local_steps=2", "federated.compression=int8", "federated.error_feedback=true",
+                              "train.max_steps=4", "gspo.learning_rate=1e-2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained and exchanged every 2 steps (one round)" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(set(summary["weights_sha256_per_rank"])) == 1
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds if "round" in r] == [0, 1]
+
+
 def _bad_inputs(root: Path) -> list[tuple[list[str], str]]:
     H.make_model_dir(root / "model")
     (root / "no_tokenizer").mkdir()
