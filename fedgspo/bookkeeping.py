@@ -5,9 +5,18 @@ finish). On other ranks, or with ``bookkeeping.enabled=false``, the same calls g
 :class:`~fedgspo.entities.NullRegistry` and a :class:`~fedgspo.entities.events.NullEventBus` and cost
 next to nothing, so the training loop has no ``if rank == 0`` branches for bookkeeping.
 
-Cost on the hot path: one event emit (queued, dispatched on the bus's worker thread) and a
-few in-memory registry writes per step; SQLite is written behind on a writer thread. A
-failing event handler is isolated by the bus and never reaches training.
+Cost: one event emit (queued, dispatched on the bus's worker thread) and a few in-memory
+registry writes per step; SQLite is written behind on a writer thread. In a run, the
+:class:`~fedgspo.recorder.Recorder` makes these calls on its own writer thread, not the
+training thread. A failing event handler is isolated by the bus and never reaches training.
+
+Events form a tree: ``TrainingStarted`` is the parent of every ``StepCompleted`` and of
+``TrainingCompleted``; a step's ``ByzantineRankFlagged``, ``ReputationChanged`` and
+``CheckpointCreated`` events have that step's ``StepCompleted`` as parent. Every event of the
+run's bus is also emitted on the process-wide default bus
+(:func:`fedgspo.entities.events.get_event_bus`), where module-level ``@fedgspo.on(...)``
+handlers run on that bus's own thread: a slow or failing user handler delays or breaks only
+itself (its errors and drops are counted, see :meth:`RunBookkeeper.counters`).
 
 Failure behaviour: a registry write that loses its version check is retried by the conflict
 resolver; one that exhausts the retry budget raises ``OperationRejectedError`` here, which the
@@ -18,8 +27,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-from uuid import UUID
+from typing import Any, NamedTuple
+from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +51,7 @@ from fedgspo.entities.events import (
     EventBus,
     NullEventBus,
     ReputationChanged,
+    get_event_bus,
     StepCompleted,
     TrainingCompleted,
     TrainingStarted,
@@ -49,6 +59,8 @@ from fedgspo.entities.events import (
 from fedgspo import runfiles
 
 EVENTS_FILENAME = runfiles.EVENTS
+#: How long closing a run waits for user hooks to take the run's last events.
+HOOKS_CLOSE_TIMEOUT_S = 10.0
 
 
 class BookkeepingConfig(BaseModel):
@@ -63,6 +75,11 @@ class BookkeepingConfig(BaseModel):
     events_file: bool = Field(True, description="Append every event to <run dir>/events.jsonl.")
     hotswap_every: int = Field(
         10, gt=0, description="Steps between hot-swap checks (<run dir>/hotswap.json); each is a broadcast.")
+    hooks: bool = Field(
+        True, description="Also deliver the run's events to module-level @fedgspo.on handlers (the default bus).")
+    writer_queue: int = Field(
+        4096, gt=0, description="Bookkeeping calls waiting for rank 0's writer thread before the training "
+        "thread waits for room; a crash loses at most the calls queued since the last checkpoint.")
 
 
 class _EventFile:
@@ -77,6 +94,22 @@ class _EventFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+class ReputationSnapshot(NamedTuple):
+    """The figures of a :class:`fedgspo.robust.reputation.RankReputation` the registry keeps,
+    copied at the step they belong to (the tracker's objects change on the next step)."""
+
+    rank: int
+    trust: float
+    steps: int
+    flags: int
+    quarantined: bool
+
+
+def snapshot_reputations(reputations: list[Any]) -> list[ReputationSnapshot]:
+    """Copies of the registry's reputation figures, safe to record on another thread."""
+    return [ReputationSnapshot(r.rank, r.trust, r.steps, r.flags, r.quarantined) for r in reputations]
 
 
 def _reputation_fields(rep: Any) -> dict[str, Any]:
@@ -96,6 +129,12 @@ class RunBookkeeper:
         if active and cfg.events_file:
             self._events_file = _EventFile(Path(run_dir) / EVENTS_FILENAME)
             self.bus.subscribe(Event, self._events_file)
+        self.hooks: EventBus | NullEventBus = NullEventBus()
+        if active and cfg.hooks:
+            default = get_event_bus()
+            if default is not self.bus:
+                self.hooks = default
+                self.bus.subscribe(Event, default.emit)
         if active:
             shared = cfg.registry_path is not None
             path = cfg.registry_path or runfiles.RunFiles(run_dir).registry
@@ -106,6 +145,10 @@ class RunBookkeeper:
         self.active = active
         self.run_id: UUID | None = None
         self.model_id: UUID | None = None
+        self._run_event: UUID | None = None
+        self._step_events: dict[int, UUID] = {}
+        self._checkpointed_step: int | None = None
+        self._last_metrics: dict[str, float] = {}
         self._reputation_ids: dict[int, UUID] = {}
         self._last_reputation: dict[int, tuple] = {}
         self._last_checkpoint: UUID | None = None
@@ -142,7 +185,23 @@ class RunBookkeeper:
                                            for r in range(world_size))
         self.run_id, self.model_id = run.lineage_id, model.lineage_id
         self._reputation_ids = {e.rank: e.lineage_id for e in reps}
-        self.bus.emit(TrainingStarted(run_id=run.lineage_id, total_steps=cfg.train.max_steps, rank=0))
+        self._started(run.config_id, cfg.train.max_steps)
+
+    def _started(self, config_id: UUID | None, total_steps: int) -> None:
+        started = TrainingStarted(run_id=self.run_id, model_id=self.model_id, config_id=config_id,
+                                  total_steps=total_steps, rank=0)
+        self._run_event = started.event_id
+        self.bus.emit(started)
+
+    def _step_event(self, step: int) -> UUID:
+        """The event_id of step ``step``'s ``StepCompleted``, fixed before it is emitted (a
+        checkpoint is recorded before its step's event)."""
+        found = self._step_events.get(step)
+        if found is None:
+            found = self._step_events[step] = uuid4()
+            for old in [s for s in self._step_events if s < step - 1]:
+                del self._step_events[old]
+        return found
 
     def _continue(self, name: str, checkpoint_sha256: str, total_steps: int) -> bool:
         runs = [r for r in self.registry.query(GSPOTrainingRunEntity) if r.name == name]
@@ -158,21 +217,26 @@ class RunBookkeeper:
         self._last_checkpoint = parents[-1].lineage_id if parents else None
         self.registry.update(self.run_id, lambda e: e.evolve(status="running", total_steps=total_steps),
                              priority=OperationPriority.HIGH)
-        self.bus.emit(TrainingStarted(run_id=run.lineage_id, total_steps=total_steps, rank=0))
+        self._started(run.config_id, total_steps)
         return True
 
     def step(self, step: int, record: dict[str, Any], z_scores: list[float],
              reputations: list[Any] | None = None) -> None:
-        """Emit the step's events; version the run and every reputation that changed."""
+        """Emit the step's events; version the run and every reputation that changed.
+        ``reputations``: objects with the fields of :class:`ReputationSnapshot`."""
         if not self.active:
             return
         metrics = {k: float(v) for k, v in record.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-        self.bus.emit(StepCompleted(step=step, rank=0, loss=metrics.get("loss"), metrics=metrics,
-                                    duration_s=metrics.get("step_time_s")))
+        self._last_metrics = metrics
+        event_id = self._step_event(step)
+        self.bus.emit(StepCompleted(event_id=event_id, parent_id=self._run_event, run_id=self.run_id, step=step,
+                                    rank=0, loss=metrics.get("loss"), metrics=metrics,
+                                    duration_s=metrics.get("step_time_s"),
+                                    checkpoint_triggered=self._checkpointed_step == step + 1))
         for r in record.get("flagged", []):
             self.bus.emit(ByzantineRankFlagged(flagged_rank=r, score=z_scores[r] if r < len(z_scores) else 0.0,
-                                               step=step, rank=0, reason="robust z-score"))
+                                               step=step, rank=0, reason="robust z-score", parent_id=event_id))
         self.registry.update(self.run_id, lambda e: e.evolve(step=step + 1), priority=OperationPriority.HIGH)
         for rep in reputations or []:
             self._record_reputation(step, rep)
@@ -192,7 +256,8 @@ class RunBookkeeper:
             return
         old_trust = previous[0]
         self.bus.emit(ReputationChanged(subject_rank=rep.rank, old_trust=old_trust, new_trust=rep.trust,
-                                        quarantined=rep.quarantined, step=step, rank=0))
+                                        quarantined=rep.quarantined, step=step, rank=0,
+                                        parent_id=self._step_event(step)))
 
     def rule_changed(self, rule: str, f: int) -> None:
         """A hot swap replaced the aggregation rule: version the run and its detector."""
@@ -205,20 +270,26 @@ class RunBookkeeper:
                                  priority=OperationPriority.HIGH)
 
     def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float]) -> UUID | None:
-        """Register a checkpoint as the child of the previous one; returns its lineage id."""
+        """Register a checkpoint as the child of the previous one; returns its lineage id.
+        ``step`` counts the steps done, so its event's parent is step ``step - 1``'s event."""
         if not self.active:
             return None
         ck = self.registry.register(ModelCheckpointEntity(
             base_model_id=self.model_id, path=str(path), step=step, checkpoint_hash=sha256,
             metrics={k: float(v) for k, v in metrics.items()}, parent_checkpoint_id=self._last_checkpoint))
         self._last_checkpoint = ck.lineage_id
-        self.bus.emit(CheckpointCreated(checkpoint_id=ck.lineage_id, path=str(path), step=step, rank=0))
+        self._checkpointed_step = step
+        parent = self._step_event(step - 1) if step > 0 else self._run_event
+        self.bus.emit(CheckpointCreated(run_id=self.run_id, checkpoint_id=ck.lineage_id, path=str(path),
+                                        step=step, rank=0, parent_id=parent))
         return ck.lineage_id
 
     def finish(self, status: str, weights_hash: str | None = None, step: int | None = None,
-               reputations: list[Any] | None = None) -> None:
+               reputations: list[Any] | None = None, metrics: dict[str, float] | None = None,
+               final_checkpoint_id: UUID | None = None) -> None:
         """Mark the run ``completed`` or ``failed``, the model's final weights and every rank's
-        final reputation."""
+        final reputation. ``TrainingCompleted`` carries the last step's figures updated with
+        ``metrics``, and the final checkpoint's id."""
         if not self.active or self.run_id is None:
             return
         for rep in reputations or []:
@@ -227,22 +298,37 @@ class RunBookkeeper:
         if weights_hash:
             self.registry.update(self.model_id, lambda e: e.evolve(weights_hash=weights_hash),
                                  priority=OperationPriority.NORMAL)
-        self.bus.emit(TrainingCompleted(run_id=self.run_id, status=status, rank=0))
+        self.bus.emit(TrainingCompleted(
+            run_id=self.run_id, model_id=self.model_id, status=status, rank=0, step=step,
+            parent_id=self._run_event, final_metrics={**self._last_metrics, **(metrics or {})},
+            final_checkpoint_id=final_checkpoint_id))
 
     def counters(self) -> dict[str, int]:
         """Rank 0's system figures for the step record: registry conflicts, retries and
-        rejections (cumulative), events waiting for dispatch and events dropped; ``{}`` when
-        not recording."""
+        rejections (cumulative), events waiting for dispatch, events dropped and handler
+        errors on the run's bus, and on the default bus, where user hooks run, events dropped
+        (queue full), handler errors and slow handler calls; ``{}`` when not recording."""
         if not self.active:
             return {}
-        registry, bus = self.registry.resolver.metrics(), self.bus.stats()
+        registry, bus, hooks = self.registry.resolver.metrics(), self.bus.stats(), self.hooks.stats()
         return {"registry_conflicts": registry["conflicts"], "registry_retries": registry["retries"],
                 "registry_rejections": registry["rejections"], "event_queue_depth": bus["queue_depth"],
-                "events_dropped": bus["dropped"]}
+                "events_dropped": bus["dropped"], "event_handler_errors": bus["handler_errors"],
+                "hook_events_dropped": hooks.get("dropped", 0), "hook_errors": hooks.get("handler_errors", 0),
+                "hook_slow_calls": hooks.get("slow_handlers", 0)}
+
+    def flush(self) -> None:
+        """Persist the registry's write-behind versions and write the events emitted so far to
+        ``events.jsonl`` (user hooks are not waited for: they may be slow)."""
+        self.registry.flush()
+        self.bus.flush()
 
     def close(self) -> None:
-        """Flush and close the registry (persisting write-behind versions) and the bus."""
+        """Flush and close the registry (persisting write-behind versions) and the bus; wait up
+        to :data:`HOOKS_CLOSE_TIMEOUT_S` for user hooks to take the run's last events. The
+        default bus stays open."""
         self.registry.close()
         self.bus.close()
+        self.hooks.flush(HOOKS_CLOSE_TIMEOUT_S)
         if self._events_file:
             self._events_file.close()

@@ -5,10 +5,21 @@ operator requests, console lines, the final checkpoint and summary.
 elsewhere; both have the same methods, so the trainer calls them on every rank without asking
 which rank it is. Every file goes where :class:`fedgspo.runfiles.RunFiles` says.
 
+The writes (registry and events, audit log, metrics, alerts) run on one writer thread
+(:class:`fedgspo.writer.BackgroundWriter`), in the order the trainer makes them, so the
+training thread only queues them; the audit log's hash chain keeps that order. The queue is
+bounded (``bookkeeping.writer_queue``): when it is full, the training thread waits for room
+rather than drop a record. :meth:`Recorder.flush` waits for everything queued and persists the
+registry and ``events.jsonl``; :meth:`Recorder.checkpoint` and :meth:`Recorder.finish` flush,
+:meth:`Recorder.close` runs everything still queued. A process that crashes loses what was
+queued since the last flush: at most the records since the last checkpoint.
+
 Failure behaviour: :func:`open_recorder` is collective; a Prometheus port rank 0 cannot bind is
 a :class:`ConfigError` on every rank, raised before anything is written. Errors while recording
-(disk full, registry write errors) propagate on rank 0; the trainer then closes with
-``failed=True``.
+(disk full, registry write errors) happen on the writer thread and are raised on rank 0's
+training thread by the next recorder call that queues or flushes (so at most one step later);
+the trainer then closes with ``failed=True``, and nothing more is recorded but the files are
+closed.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from fedgspo.bookkeeping import RunBookkeeper
+from fedgspo.bookkeeping import RunBookkeeper, snapshot_reputations
 from fedgspo.checkpoint import save_checkpoint
 from fedgspo.config import Config, ConfigError
 from fedgspo.distributed import DistContext, broadcast_json
@@ -32,6 +43,19 @@ from fedgspo.runfiles import RunFiles, write_json_atomic, write_text_atomic
 from fedgspo.telemetry.alerts import AlertMonitor
 from fedgspo.telemetry.metrics import MetricsLogger, read_metrics
 from fedgspo.telemetry.tracing import StepTracer
+from fedgspo.writer import BackgroundWriter
+
+
+class QueuedAudit:
+    """The audit log seen through the writer: :meth:`append` queues the record, which the
+    writer appends (hash-chained) in call order."""
+
+    def __init__(self, log: AuditLog, writer: BackgroundWriter) -> None:
+        self._log, self._writer = log, writer
+
+    def append(self, kind: str, payload: dict[str, Any] | None = None, *, step: int | None = None,
+               rank: int = 0) -> None:
+        self._writer.submit(self._log.append, kind, payload, step=step, rank=rank)
 
 
 class Recorder:
@@ -41,10 +65,12 @@ class Recorder:
         self.cfg, self.files, self.logger = cfg, files, logger
         self.book = RunBookkeeper(cfg.bookkeeping, files.root, rank=0)
         self.alerts = AlertMonitor(cfg.alerts, files.root, self.book.bus) if cfg.alerts.enabled else None
-        self.tracer = StepTracer(cfg.tracing, files.root, run_name=files.root.name)
+        self.tracer = StepTracer(cfg.tracing, files.root, run_name=files.root.name, rank=0)
         self.audit_log = AuditLog(files.root, key=admin_key)
+        self.writer = BackgroundWriter(cfg.bookkeeping.writer_queue, name="fedgspo-recorder")
+        self.queued_audit = QueuedAudit(self.audit_log, self.writer)
         self.inbox: RequestInbox | None = (
-            RequestInbox(files.root, admin_key, self.audit_log, max_age_s=cfg.security.request_max_age_s)
+            RequestInbox(files.root, admin_key, self.queued_audit, max_age_s=cfg.security.request_max_age_s)
             if admin_key else None)
         # Without an admin key, hot swaps come from <run dir>/hotswap.json; with one, only as
         # signed operator requests.
@@ -59,40 +85,60 @@ class Recorder:
         tqdm.write(message, file=sys.stderr)
 
     def audit(self, kind: str, payload: dict[str, Any], *, step: int, rank: int = 0) -> None:
-        self.audit_log.append(kind, payload, step=step, rank=rank)
+        """Queue an audit record (appended in call order on the writer thread)."""
+        self.queued_audit.append(kind, payload, step=step, rank=rank)
 
     def audit_auth_failures(self, failed: list[int], *, step: int, mode: str) -> None:
-        audit_auth_failures(self.audit_log, failed, step=step, mode=mode)
+        audit_auth_failures(self.queued_audit, failed, step=step, mode=mode)
 
     def counters(self) -> dict[str, int]:
-        """System figures for the step record (registry conflicts, event queue depth, ...)."""
-        return self.book.counters()
+        """System figures for the step record: the bookkeeper's (registry conflicts, event
+        queue, user hooks), the writer's queue depth and waits for room, webhook deliveries."""
+        writer = self.writer.stats()
+        return {**self.book.counters(), "writer_queue_depth": writer["queue_depth"],
+                "writer_full_waits": writer["full_waits"], **(self.alerts.counters() if self.alerts else {})}
 
     def start(self, *, first_step: int, world_size: int, participants: list[str], weights_sha256: str, rule: str,
               f: int, model_info: dict[str, Any], dataset_info: dict[str, Any], resumed_from: str | None) -> None:
         """Write the resolved config, audit the start (with the participant behind each rank)
-        and register the run's entities."""
-        write_text_atomic(self.files.config, yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        and register the run's entities (queued)."""
+        self.writer.submit(write_text_atomic, self.files.config,
+                           yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         self.audit(RUN_START, {"config_sha256": self.cfg.digest(), "world_size": world_size,
                                "participants": participants, "weights_sha256": weights_sha256,
                                "first_step": first_step}, step=first_step)
-        self.book.start(name=self.files.root.name, cfg=self.cfg, model_info=model_info,
-                        dataset_info=dataset_info, weights_hash=weights_sha256, world_size=world_size,
-                        rule=rule, f=f, resumed_from=resumed_from)
+        self.writer.submit(self.book.start, name=self.files.root.name, cfg=self.cfg, model_info=model_info,
+                           dataset_info=dataset_info, weights_hash=weights_sha256, world_size=world_size,
+                           rule=rule, f=f, resumed_from=resumed_from)
 
     def publish(self, record: dict[str, Any], z_scores: list[float], reputations: list[Any]) -> None:
-        """A step record's outputs: events and registry versions, metrics, alerts."""
+        """Queue a step record's outputs: events and registry versions, metrics, alerts. The
+        record and the reputations are copied: the caller may reuse them."""
+        self.writer.submit(self._publish, dict(record), list(z_scores), snapshot_reputations(reputations))
+
+    def _publish(self, record: dict[str, Any], z_scores: list[float], reputations: list[Any]) -> None:
         self.book.step(record["step"], record, z_scores, reputations)
         self.logger.log(record)
         if self.alerts:
             self.alerts.observe(record)
 
     def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float]) -> None:
-        """Register a checkpoint as the child of the previous one."""
-        self.book.checkpoint(path, step, sha256, metrics)
+        """Register a checkpoint as the child of the previous one, then :meth:`flush`."""
+        self.writer.submit(self.book.checkpoint, path, step, sha256, dict(metrics))
+        self.flush()
 
     def rule_changed(self, rule: str, f: int) -> None:
-        self.book.rule_changed(rule, f)
+        self.writer.submit(self.book.rule_changed, rule, f)
+
+    def flush(self) -> None:
+        """Wait until everything queued is written, then persist the registry's write-behind
+        versions, ``events.jsonl`` and the metrics files. Raises a write error of the writer."""
+        self.writer.submit(self._flush_files)
+        self.writer.flush()
+
+    def _flush_files(self) -> None:
+        self.book.flush()
+        self.logger.flush()
 
     def finish(self, model: torch.nn.Module, *, tokenizer: Any, merge_lora: bool, steps: int, first_step: int,
                seconds: float, weights_per_rank: list[str], world_size: int, rule: str, f: int,
@@ -103,14 +149,15 @@ class Recorder:
         weights = weights_per_rank[0]
         if len(set(weights_per_rank)) > 1:
             self.say(f"warning: ranks ended with different weights: {weights_per_rank}")
+        self.flush()  # every step record is in metrics.jsonl
         final = save_checkpoint(self.files.final_checkpoint, model, step=steps, metadata={"weights_sha256": weights},
                                 tokenizer=tokenizer, merge_lora=merge_lora)
         # The whole run's curve, across resumes: the last record of each step wins.
         curve = list({r["step"]: r["reward_mean"] for r in read_metrics(self.files.root)}.values())
         window = min(10, len(curve))
         first, last = sum(curve[:window]) / window, sum(curve[-window:]) / window
-        self.book.checkpoint(final, steps, weights, {"reward_mean": last})
-        self.book.finish("completed", weights, step=steps, reputations=reputations)
+        self.writer.submit(self._finish_run, final, steps, weights, snapshot_reputations(reputations),
+                           {"reward_first10": first, "reward_last10": last, "seconds": seconds})
         self.audit(RUN_END, {"weights_sha256": weights, "final_checkpoint": str(final)}, step=steps)
         summary = {
             "steps": steps, "world_size": world_size, "rule": rule, "f": f, "resumed_at": first_step,
@@ -118,32 +165,48 @@ class Recorder:
             "weights_sha256_per_rank": weights_per_rank, "final_checkpoint": str(final),
             "config_sha256": self.cfg.digest(), "seconds": seconds, "reputation": reputation,
         }
-        write_json_atomic(self.files.summary, summary)
+        self.writer.submit(write_json_atomic, self.files.summary, summary)
+        self.flush()
         self.say(f"done: reward {first:.3f} (first {window} steps) -> {last:.3f} (last {window}); "
                  f"run directory {self.files.root}")
         return summary
 
+    def _finish_run(self, final: Path, steps: int, weights: str, reputations: list[Any],
+                    metrics: dict[str, float]) -> None:
+        checkpoint_id = self.book.checkpoint(final, steps, weights, {"reward_mean": metrics["reward_last10"]})
+        self.book.finish("completed", weights, step=steps, reputations=reputations, metrics=metrics,
+                         final_checkpoint_id=checkpoint_id)
+
     def close(self, outcome: str | None = None) -> None:
-        """Flush and close everything; ``outcome`` ("failed", "cancelled") is the status of a
-        run that did not finish (a finished one was marked by :meth:`finish`)."""
-        if outcome:
-            self.book.finish(outcome)
+        """Write what is queued and close everything; ``outcome`` ("failed", "cancelled") is
+        the status of a run that did not finish (a finished one was marked by :meth:`finish`).
+        A writer error not raised yet is raised here after closing when ``outcome`` is None,
+        and only reported on the console otherwise (the run's own error comes first)."""
+        if outcome and not self.writer.failed:
+            self.writer.submit(self.book.finish, outcome)
+        error = self.writer.close()
         self.book.close()
         self.logger.close()
         if self.alerts:
             self.alerts.close()
         self.tracer.close()
+        if error is not None:
+            if outcome is None:
+                raise error
+            self.say(f"warning: bookkeeping stopped early: {error!r}")
 
 
 class NullRecorder:
-    """What ranks other than 0 hold: the same calls, recording nothing."""
+    """What ranks other than 0 hold: the same calls, recording nothing but this rank's spans
+    (when tracing is on and ``files`` is given)."""
 
     inbox: RequestInbox | None = None
     hotswap_root: Path | None = None
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, files: RunFiles | None = None, *, rank: int = 0) -> None:
         self.bus: AnyBus = NullEventBus()
-        self.tracer = StepTracer(cfg.tracing, None)
+        self.tracer = StepTracer(cfg.tracing, files.root if files else None,
+                                 run_name=files.root.name if files else "", rank=rank)
 
     def say(self, message: str) -> None:
         pass
@@ -169,6 +232,9 @@ class NullRecorder:
     def rule_changed(self, rule: str, f: int) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def finish(self, model: torch.nn.Module, **kwargs: Any) -> None:
         return None
 
@@ -178,7 +244,7 @@ class NullRecorder:
 
 def open_recorder(cfg: Config, ctx: DistContext, files: RunFiles, keyring: Keyring | None) -> Recorder | NullRecorder:
     """Rank 0's :class:`Recorder` (it alone holds the admin key), a :class:`NullRecorder`
-    elsewhere. Collective: a Prometheus port rank 0 cannot bind is a :class:`ConfigError` on
+    elsewhere (with this rank's tracer). Collective: a Prometheus port rank 0 cannot bind is a :class:`ConfigError` on
     every rank, before anything is written."""
     logger, error = None, None
     if ctx.is_main:
@@ -191,6 +257,6 @@ def open_recorder(cfg: Config, ctx: DistContext, files: RunFiles, keyring: Keyri
     if error:
         raise ConfigError(str(error))
     if logger is None:
-        return NullRecorder(cfg)
+        return NullRecorder(cfg, files, rank=ctx.rank)
     admin_key = keyring.admin_key() if keyring is not None and keyring.admin else None
     return Recorder(cfg, files, logger, admin_key)

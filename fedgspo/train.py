@@ -48,9 +48,11 @@ from fedgspo.distributed import (
     DistContext,
     FlatGradients,
     all_gather_bytes,
+    all_gather_single,
     all_reduce_mean,
     broadcast_json,
     broadcast_parameters,
+    collective_device,
     destroy_distributed,
     init_distributed,
     participant_ids,
@@ -86,6 +88,7 @@ from fedgspo.robust.attacks import apply_attack, poison_rewards, protocol_tamper
 from fedgspo.robust.reputation import ReputationTracker
 from fedgspo.runfiles import RunFiles, sha256_file
 from fedgspo.swappable import build_swapper, current_reward
+from fedgspo.telemetry.resources import RESOURCE_KEYS, resource_usage
 
 
 @dataclass
@@ -479,10 +482,22 @@ class Trainer:
             "flagged_frac": len(report.flagged) / self.fed.num_sites, **self.fed.take_bytes(),
             "rank_z_score": report.z_scores, "rank_trust": [r.trust for r in ranks],
             "rank_flags": [r.flags for r in ranks], "rank_quarantined": [int(r.quarantined) for r in ranks],
-            **self.recorder.counters(),
+            **self.resources(), **self.recorder.counters(),
         }
         record.update(part_means("reward/", batch.reward_parts, parts))
         return record
+
+    def resources(self) -> dict[str, list[float]]:
+        """Every rank's memory, CPU and GPU figures (:mod:`fedgspo.telemetry.resources`) as
+        ``rank_<key>`` lists, by rank: one float all-gather (collective)."""
+        local = torch.tensor(list(resource_usage(self.ctx.device).values()), dtype=torch.float64)
+        if self.ctx.world_size == 1:
+            return {f"rank_{key}": [value] for key, value in zip(RESOURCE_KEYS, local.tolist())}
+        device = collective_device()
+        gathered = torch.empty(self.ctx.world_size * local.numel(), dtype=torch.float64, device=device)
+        all_gather_single(gathered, local.to(device))
+        per_key = gathered.view(self.ctx.world_size, len(RESOURCE_KEYS)).T.tolist()
+        return {f"rank_{key}": values for key, values in zip(RESOURCE_KEYS, per_key)}
 
     @torch.no_grad()
     def evaluate_split(self) -> dict[str, float]:

@@ -56,22 +56,36 @@ class Event(BaseModel):
 
 
 class TrainingStarted(Event):
+    """A run started or resumed; the parent of its step events."""
+
     run_id: UUID | None = None
+    model_id: UUID | None = Field(None, description="lineage_id of the policy's ModelEntity.")
+    config_id: UUID | None = Field(None, description="lineage_id of the run's GSPOConfigEntity.")
     total_steps: int = Field(ge=0)
 
 
 class StepCompleted(Event):
+    """One optimizer step; the parent of the step's detection, reputation and checkpoint events."""
+
+    run_id: UUID | None = None
     loss: float | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     duration_s: float | None = Field(None, ge=0)
+    checkpoint_triggered: bool = Field(False, description="A checkpoint was written after this step.")
 
 
 class TrainingCompleted(Event):
+    """The run ended; ``final_metrics`` are the last step's figures and the run's summary ones."""
+
     run_id: UUID | None = None
+    model_id: UUID | None = None
     status: Literal["completed", "failed", "cancelled"] = "completed"
+    final_metrics: dict[str, float] = Field(default_factory=dict)
+    final_checkpoint_id: UUID | None = Field(None, description="lineage_id of the final checkpoint, if written.")
 
 
 class CheckpointCreated(Event):
+    run_id: UUID | None = None
     checkpoint_id: UUID
     path: str
 

@@ -11,6 +11,10 @@ line breaks the chain at that line. Truncating the tail leaves a valid chain, so
 also rewrites ``audit.head.json`` (seq and hash of the last record, HMAC-signed when the log
 has a key): :func:`verify_audit_log` compares the log with it.
 
+In a run, rank 0's recorder appends on its writer thread in the order the trainer asked
+(:class:`AuditSink`), flushed at every checkpoint: a crash loses the records still queued, at
+most those since the last checkpoint.
+
 Only rank 0 writes (style rule 7); every record still carries ``rank`` and ``step`` so a
 record about another rank names it (``payload["subject_rank"]`` by convention).
 """
@@ -24,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fedgspo.runfiles import write_json_atomic
 from fedgspo import runfiles
@@ -126,6 +130,14 @@ def verify_audit_log(path: Path, key: bytes | None = None) -> AuditSummary:
         raise AuditError(path, seq + 2, f"log ends at seq {seq} but the head records seq {head.get('seq')} "
                                         "(lines removed from the end)")
     return AuditSummary(seq + 1, prev, head_checked=True)
+
+
+class AuditSink(Protocol):
+    """What records audit entries: an :class:`AuditLog`, or rank 0's recorder appending to one
+    on its writer thread (in call order)."""
+
+    def append(self, kind: str, payload: dict[str, Any] | None = None, *, step: int | None = None,
+               rank: int = 0) -> Any: ...
 
 
 class AuditLog:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedgspo.integrity.audit import AUTH_FAILURE, OPERATOR_REQUEST, REQUEST_REJECTED, AuditLog, canonical_json
+from fedgspo.integrity.audit import AUTH_FAILURE, OPERATOR_REQUEST, REQUEST_REJECTED, AuditSink, canonical_json
 from fedgspo.runfiles import write_json_atomic
 from fedgspo.distributed import all_gather_single, broadcast_json
 from fedgspo import runfiles
@@ -300,7 +300,7 @@ def verify_shards(auth: UpdateAuthenticator, sent: torch.Tensor | Sequence[torch
             if i != auth.rank and not auth.verify_shard(received[i], i, step, tags[i, auth.rank])]
 
 
-def audit_auth_failures(audit: AuditLog | None, failed: Sequence[int], *, step: int, mode: str) -> None:
+def audit_auth_failures(audit: AuditSink | None, failed: Sequence[int], *, step: int, mode: str) -> None:
     """Record one ``auth_failure`` per failing sender (no-op off rank 0, where ``audit`` is None)."""
     if audit is None:
         return
@@ -353,7 +353,7 @@ class RequestInbox:
     or an unknown action; each rejection is audited as ``request_rejected`` and never raises.
     """
 
-    def __init__(self, run_dir: Path, admin_key: bytes, audit: AuditLog | None, *,
+    def __init__(self, run_dir: Path, admin_key: bytes, audit: AuditSink | None, *,
                  max_age_s: float = 86400.0) -> None:
         self.run_dir, self._key, self.audit, self.max_age_s = Path(run_dir), admin_key, audit, max_age_s
         self.inbox = self.run_dir / REQUESTS

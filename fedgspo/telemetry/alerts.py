@@ -16,8 +16,12 @@ fires once when its condition becomes true, and re-arms when the condition is ev
 again, so a condition that holds for 100 steps is one alert, not 100. A fired alert is one
 line in ``<run_dir>/alerts.jsonl`` (``step``, ``rule``, ``message``, ``value``,
 ``threshold``, and ``rank`` for per-rank rules), one console line ``alert: <rule>:
-<message>`` on stderr, and an :class:`~fedgspo.entities.events.AlertRaised` event on the run's bus
-(so it lands in ``events.jsonl``).
+<message>`` on stderr, an :class:`~fedgspo.entities.events.AlertRaised` event on the run's bus
+(so it lands in ``events.jsonl``) and, with ``alerts.webhook_url`` set, a JSON POST to that URL
+(:mod:`fedgspo.telemetry.webhook`: a background thread, retried with exponential backoff; the
+step never waits for it). The payload has ``run``, ``step``, ``rule``, ``severity``,
+``message``, ``value``, ``threshold``, ``rank`` (``null`` unless per-rank) and ``text`` (one
+line, which Slack- and Mattermost-style incoming webhooks display).
 
 Failure behaviour: a rule is not evaluated until its metric has enough history; a record
 without the metric (or with a non-finite value) adds nothing to that history. Names of rules
@@ -39,6 +43,7 @@ from tqdm import tqdm
 
 from fedgspo.entities.events import AlertRaised, AnyBus
 from fedgspo.telemetry.metrics import PER_RANK_PREFIX
+from fedgspo.telemetry.webhook import WebhookSender
 from fedgspo import runfiles
 
 Condition = Literal["above", "below", "drop", "ratio", "increase"]
@@ -81,6 +86,12 @@ class AlertsConfig(BaseModel):
 
     enabled: bool = Field(True, description="Evaluate the rules; off writes no alerts.jsonl.")
     rules: list[AlertRule] = Field(default_factory=default_rules)
+    webhook_url: str | None = Field(
+        None, pattern=r"^https?://", description="POST every alert as JSON to this URL (null: no delivery).")
+    webhook_retries: int = Field(5, ge=0, description="Further tries of a delivery that failed.")
+    webhook_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled for each next one.")
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, description="Per request; also how long the end of a run waits for pending deliveries.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AlertsConfig":
@@ -162,6 +173,10 @@ class AlertMonitor:
         self._history: dict[tuple[str, int | None], deque[float]] = {}
         self._active: set[tuple[str, int | None]] = set()
         self._file = (Path(run_dir) / ALERTS_FILENAME).open("a", buffering=1)
+        self.run_name = Path(run_dir).name
+        self._close_s = cfg.webhook_timeout_s
+        self.webhook = (WebhookSender(cfg.webhook_url, retries=cfg.webhook_retries, backoff_s=cfg.webhook_backoff_s,
+                                      timeout_s=cfg.webhook_timeout_s) if cfg.webhook_url else None)
 
     def observe(self, record: dict[str, Any]) -> list[Alert]:
         """Add the record's watched fields to the history, evaluate every rule and report the
@@ -199,12 +214,29 @@ class AlertMonitor:
                 self._history.setdefault((metric, rank), deque(maxlen=keep)).append(float(v))
 
     def report(self, alert: Alert) -> None:
-        """alerts.jsonl line, console line, ``AlertRaised`` event."""
+        """alerts.jsonl line, console line, ``AlertRaised`` event, webhook delivery (queued)."""
         self._file.write(json.dumps(alert.record()) + "\n")
         tqdm.write(f"alert: {alert.rule}: {alert.message}", file=sys.stderr)
         self.bus.emit(AlertRaised(severity=alert.severity, message=alert.message, rule=alert.rule,
                                   value=alert.value, threshold=alert.threshold, subject_rank=alert.rank,
                                   step=alert.step, rank=0))
+        if self.webhook is not None:
+            self.webhook.send({
+                "run": self.run_name, "step": alert.step, "rule": alert.rule, "severity": alert.severity,
+                "message": alert.message, "value": alert.value, "threshold": alert.threshold, "rank": alert.rank,
+                "text": f"[fedgspo {self.run_name}] {alert.severity}: {alert.rule}: {alert.message} "
+                        f"(step {alert.step})"})
+
+    def counters(self) -> dict[str, int]:
+        """Webhook deliveries for the step record (``{}`` without a webhook): sent, failed
+        finally, dropped because the queue was full."""
+        if self.webhook is None:
+            return {}
+        stats = self.webhook.stats()
+        return {"webhook_sent": stats["sent"], "webhook_failed": stats["failed"], "webhook_dropped": stats["dropped"]}
 
     def close(self) -> None:
+        """Close alerts.jsonl; wait up to ``webhook_timeout_s`` for pending deliveries."""
         self._file.close()
+        if self.webhook is not None:
+            self.webhook.close(self._close_s)

@@ -2,7 +2,9 @@
 optionally, a Prometheus endpoint.
 
 Only rank 0 constructs a :class:`MetricsLogger`; other ranks pass ``None`` around. Each JSON
-line is flushed as it is written, so a crash loses at most the step in flight.
+line is handed to the operating system as it is written; in a run, rank 0's recorder calls
+:meth:`MetricsLogger.log` on its writer thread, so a crash loses the records still queued
+there (at most those since the last checkpoint).
 
 A step record is a flat dict. Numeric and boolean fields are exported to TensorBoard and
 Prometheus as scalars; a list under a key starting with ``rank_`` holds one number per rank
@@ -59,6 +61,11 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def prometheus_name(key: str) -> str:
+    """The gauge a record field is exported as: ``fedgspo_<key>``, non-alphanumerics as ``_``."""
+    return "fedgspo_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
 def numeric_fields(record: dict[str, Any]) -> Iterator[tuple[str, int | None, float]]:
     """``(key, rank, value)`` for every exportable number of a record: scalars (booleans as
     0/1) with rank ``None``, and each entry of a ``rank_*`` list with its rank. ``step`` is
@@ -96,8 +103,7 @@ class PrometheusExporter:
     def _new_gauge(self, key: str, *, per_rank: bool) -> Any:
         from prometheus_client import Gauge
 
-        name = "fedgspo_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-        gauge = Gauge(name, f"step record field {key}", ["rank"] if per_rank else [], registry=self.registry)
+        gauge = Gauge(prometheus_name(key), f"step record field {key}", ["rank"] if per_rank else [], registry=self.registry)
         self._gauges[key] = gauge
         return gauge
 
@@ -127,6 +133,9 @@ class TensorBoardScalars:
         self._writer.add_event(self._event(wall_time=time.time(), step=int(record["step"]),
                                            summary=self._summary(value=values)))
 
+    def flush(self) -> None:
+        self._writer.flush()
+
     def close(self) -> None:
         self._writer.close()
 
@@ -151,6 +160,12 @@ class MetricsLogger:
             self._tb.add(record)
         if self.prometheus is not None:
             self.prometheus.update(record)
+
+    def flush(self) -> None:
+        """Hand the JSONL and TensorBoard writes made so far to the operating system."""
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         self._file.close()

@@ -1,17 +1,22 @@
-"""Spans per step phase through OpenTelemetry, written as JSON lines to ``<run_dir>/traces.jsonl``.
+"""Spans per step phase through OpenTelemetry, on every rank: JSON lines in the run directory
+(``traces.jsonl`` for rank 0, ``traces.rank<N>.jsonl`` for rank N) or OTLP to a collector.
 
 :class:`StepTracer` is what the trainer uses on every rank: :meth:`StepTracer.phase` times a
 block into a dict of phase times (always: these are the ``time_<phase>_s`` figures of the step
 record) and, when tracing is on, also wraps it in a span; :meth:`StepTracer.span` is a span
-alone. Tracing is on only on rank 0 and only when ``tracing.enabled`` is ``true``, or
-``auto`` with ``opentelemetry-sdk`` installed (``pip install 'fedgspo[tracing]'``). When off,
-a span is a shared no-op context manager: no OpenTelemetry import, no allocation.
+alone. Every span carries the attributes ``rank`` and, from the first ``step`` span on,
+``step``; the resource names the run (``fedgspo.run``) and the rank (``fedgspo.rank``).
+Tracing is on when ``tracing.enabled`` is ``true``, or ``auto`` with ``opentelemetry-sdk``
+installed (``pip install 'fedgspo[tracing]'``). When off, a span is a shared no-op context
+manager: no OpenTelemetry import, no allocation.
 
-Spans are exported in batches by OpenTelemetry's ``BatchSpanProcessor`` on its own thread, one
-``ReadableSpan.to_json`` object per line; :meth:`StepTracer.close` exports what is left.
+Spans are exported in batches by OpenTelemetry's ``BatchSpanProcessor`` on its own thread: one
+``ReadableSpan.to_json`` object per line, or, with ``tracing.otlp_endpoint`` set, OTLP/HTTP
+(protobuf) POSTs to that URL instead of the files. :meth:`StepTracer.close` exports what is left.
 
-Failure behaviour: ``enabled: true`` without ``opentelemetry-sdk`` is a config error. An
-export that fails is logged by the SDK and dropped; it never reaches training.
+Failure behaviour: ``enabled: true`` without ``opentelemetry-sdk``, or ``otlp_endpoint``
+without ``opentelemetry-exporter-otlp-proto-http``, is a config error. An export that fails
+(a collector that is down) is logged by the SDK and dropped; it never reaches training.
 """
 
 from __future__ import annotations
@@ -26,26 +31,32 @@ from typing import Any, ContextManager, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fedgspo import runfiles
 
-TRACES_FILENAME = runfiles.TRACES
 _OFF: ContextManager[None] = contextlib.nullcontext()
 
 
-def otel_installed() -> bool:
-    """Whether ``opentelemetry-sdk`` can be imported."""
+def otel_installed(module: str = "opentelemetry.sdk") -> bool:
+    """Whether ``module`` (by default ``opentelemetry-sdk``) can be imported."""
     try:
-        return importlib.util.find_spec("opentelemetry.sdk") is not None
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
 
 
+OTLP_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+
+
 class TracingConfig(BaseModel):
-    """OpenTelemetry spans of every step's phases (rank 0)."""
+    """OpenTelemetry spans of every step's phases, on every rank."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     enabled: bool | Literal["auto"] = Field(
         False, description="true: trace (needs opentelemetry-sdk: pip install 'fedgspo[tracing]'); "
         "auto: trace when it is installed; false: off.")
+    otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://", description="Send spans by OTLP/HTTP to this URL (e.g. "
+        "http://collector:4318/v1/traces) instead of writing traces*.jsonl; needs "
+        "opentelemetry-exporter-otlp-proto-http (pip install 'fedgspo[tracing]').")
 
     @field_validator("enabled")
     @classmethod
@@ -53,6 +64,13 @@ class TracingConfig(BaseModel):
         if enabled is True and not otel_installed():
             raise ValueError("needs opentelemetry-sdk: pip install 'fedgspo[tracing]'")
         return enabled
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _exporter_installed(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None and not otel_installed(OTLP_MODULE):
+            raise ValueError("needs opentelemetry-exporter-otlp-proto-http: pip install 'fedgspo[tracing]'")
+        return endpoint
 
     def active(self) -> bool:
         return self.enabled is True or (self.enabled == "auto" and otel_installed())
@@ -82,20 +100,32 @@ def json_lines_exporter(path: Path) -> Any:
     return JsonLinesSpanExporter()
 
 
-class StepTracer:
-    """Phase timing for every rank, spans on rank 0 when tracing is on (``run_dir`` given)."""
+def span_exporter(cfg: TracingConfig, run_dir: Path, rank: int) -> Any:
+    """OTLP/HTTP to ``cfg.otlp_endpoint`` when set, else JSON lines in this rank's traces file."""
+    if cfg.otlp_endpoint is not None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    def __init__(self, cfg: TracingConfig, run_dir: Path | None, *, run_name: str = "") -> None:
+        return OTLPSpanExporter(endpoint=cfg.otlp_endpoint)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return json_lines_exporter(runfiles.RunFiles(run_dir).traces_of(rank))
+
+
+class StepTracer:
+    """Phase timing on every rank; spans too when tracing is on and ``run_dir`` is given."""
+
+    def __init__(self, cfg: TracingConfig, run_dir: Path | None, *, run_name: str = "", rank: int = 0) -> None:
         self._provider: Any = None
         self._tracer: Any = None
+        self.rank = rank
+        self._step: int | None = None
         if run_dir is not None and cfg.active():
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-            self._provider = TracerProvider(
-                resource=Resource.create({"service.name": "fedgspo", "fedgspo.run": run_name}))
-            self._provider.add_span_processor(BatchSpanProcessor(json_lines_exporter(Path(run_dir) / TRACES_FILENAME)))
+            self._provider = TracerProvider(resource=Resource.create(
+                {"service.name": "fedgspo", "fedgspo.run": run_name, "fedgspo.rank": rank}))
+            self._provider.add_span_processor(BatchSpanProcessor(span_exporter(cfg, Path(run_dir), rank)))
             self._tracer = self._provider.get_tracer("fedgspo")
 
     @property
@@ -103,10 +133,15 @@ class StepTracer:
         return self._tracer is not None
 
     def span(self, name: str, **attributes: Any) -> ContextManager[Any]:
-        """A span named ``name`` (child of the current one) with ``attributes``; a no-op when off."""
+        """A span named ``name`` (child of the current one) with ``attributes``, ``rank`` and
+        the current step (a ``step`` attribute sets it for the spans that follow); a no-op
+        when off."""
         if self._tracer is None:
             return _OFF
-        return self._tracer.start_as_current_span(name, attributes=attributes or None)
+        if "step" in attributes:
+            self._step = attributes["step"]
+        context = {"rank": self.rank} if self._step is None else {"rank": self.rank, "step": self._step}
+        return self._tracer.start_as_current_span(name, attributes={**context, **attributes})
 
     @contextlib.contextmanager
     def phase(self, times: dict[str, float], name: str) -> Iterator[None]:
