@@ -326,14 +326,17 @@ class Trainer:
         leaders exchange, then share inside their site), then fold the report into every
         rank's reputation (identically on all ranks). Attacks act on the site's message."""
         agg, fed = self.cfg.aggregation, self.fed
+        weights = self.reputation.weights(agg.trust_weighted)
+        usable = sum(w > 0 and r not in self.proof_failed for r, w in enumerate(weights))
+        rule = agg.fitted(self.aggregator, self.swapper.slots["aggregator"], usable)
         report = None
         if fed.is_leader:
             fed.compensate(update)
             apply_attack(self.attack, update, fed.site, step, group=fed.groups.cross)
             report = robust_all_reduce(
-                update, self.aggregator, **agg.all_reduce_kwargs(), group=fed.groups.cross,
+                update, rule, **agg.all_reduce_kwargs(), group=fed.groups.cross,
                 compression=fed.cfg.compression,
-                weights=self.reputation.weights(agg.trust_weighted), exclude=self.proof_failed,
+                weights=weights, exclude=self.proof_failed,
                 authenticator=self.authenticator, step=step if self.authenticator else None,
                 tamper=protocol_tamper(self.attack, fed.site, step, group=fed.groups.cross))
             fed.count_cross(update, agg.mode)

@@ -62,6 +62,20 @@ class AggregationConfig(BaseModel):
         name = rule or self.rule
         return self._make(name, tolerated_f(name, self.f, world_size, pre=self.pre))
 
+    def fitted(self, agg: Aggregator, rule: str, usable: int) -> Aggregator:
+        """``agg`` when it can aggregate ``usable`` participants (the others quarantined or left
+        out); else rule ``rule`` with the largest ``f`` the ``usable`` ones allow (0 when none).
+        That ``f`` is never below ``agg.f`` minus the participants left out (``2f < n`` keeps
+        ``2(f - q) < n - q``), so the bound still holds while those left out are Byzantine; a
+        run whose quarantine removed honest participants tolerates fewer attackers until they
+        are released. Without this a quarantine that leaves too few participants for ``f``
+        fails every step's consensus. A fitted rule is built per call (no state across calls)."""
+        try:
+            agg.check(usable)
+            return agg
+        except ValueError:
+            return self._make(rule, min(agg.f, tolerated_f(rule, "auto", usable, pre=self.pre)))
+
     def all_reduce_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`fedgspo.robust_all_reduce` besides the rule (add
         ``weights=`` per step)."""
