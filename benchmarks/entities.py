@@ -275,7 +275,10 @@ def bench_lineage_tree(nodes: int, repeats: int) -> dict[str, float]:
 def memory_child(mode: str, steps: int) -> None:
     """In a fresh process: a Recorder (bookkeeping ``mode`` on/off), ``steps`` publishes of a
     step-sized record, flush; prints RSS before and after and the publish time as JSON."""
+    from types import SimpleNamespace
+
     from fedgspo.config import load_config
+    from fedgspo.factory import EntityFactory
     from fedgspo.recorder import Recorder
     from fedgspo.robust.reputation import RankReputation
     from fedgspo.runfiles import RunFiles
@@ -288,10 +291,10 @@ def memory_child(mode: str, steps: int) -> None:
         files = RunFiles(Path(tmp) / "run")
         files.root.mkdir()
         recorder = Recorder(cfg, files, MetricsLogger(files.root, tensorboard=False), None)
+        hf = SimpleNamespace(model_type="tiny", vocab_size=16, hidden_size=8, num_hidden_layers=1)
+        recorder.bind(EntityFactory(cfg, "run").inputs(hf, "0" * 64, {"name": "digits/x", "source": "synthetic"}))
         recorder.start(first_step=0, world_size=world, participants=[f"p{r}" for r in range(world)],
-                       weights_sha256="0" * 64, rule="median", f=1,
-                       model_info={"model_type": "tiny", "vocab_size": 16, "hidden_size": 8, "num_layers": 1},
-                       dataset_info={"name": "digits/x", "source": "synthetic"}, resumed_from=None)
+                       weights_sha256="0" * 64, rule="median", f=1, resumed_from=None)
         recorder.flush()
         reps = [RankReputation(rank=r) for r in range(world)]
         before = rss_bytes()

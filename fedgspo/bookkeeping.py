@@ -18,6 +18,12 @@ run's bus is also emitted on the process-wide default bus
 handlers run on that bus's own thread: a slow or failing user handler delays or breaks only
 itself (its errors and drops are counted, see :meth:`RunBookkeeper.counters`).
 
+Writes run as operations of the conflict resolver with their priorities: the run's step and
+status, the model's weights and the reputations as training state (HIGH,
+:class:`~fedgspo.entities.conflicts.StructuralOperation`); checkpoint records, the model's
+lineage and the detector's verdicts NORMAL; marking pruned checkpoints LOW. Every version
+written is kept for :meth:`RunBookkeeper.take_writes` (the recorder audits them).
+
 Failure behaviour: a registry write that loses its version check is retried by the conflict
 resolver; one that exhausts the retry budget raises ``OperationRejectedError`` here, which the
 trainer lets end the run (bookkeeping that silently diverges from training is worse).
@@ -25,6 +31,7 @@ trainer lets end the run (bookkeeping that silently diverges from training is wo
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,18 +39,26 @@ from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedgspo.entities.conflicts import OperationPriority
+from fedgspo.entities.base import Entity
+from fedgspo.entities.callables import CallableRegistry
+from fedgspo.entities.conflicts import (
+    LowPriorityOperation,
+    NormalOperation,
+    Operation,
+    OperationPriority,
+    StructuralOperation,
+)
 from fedgspo.entities import (
-    ConfigEntity,
     ByzantineDetectorEntity,
-    DatasetEntity,
-    GSPOConfigEntity,
     GSPOTrainingRunEntity,
     ModelCheckpointEntity,
     ModelEntity,
+    ModelLineageEntity,
     ReputationEntity,
 )
 from fedgspo.entities.registry import EntityRegistry, NullRegistry
+from fedgspo.factory import EntityFactory, RunInputs
+from fedgspo.operations import DETECT_BYZANTINE_ENTITIES
 from fedgspo.entities.events import (
     ByzantineRankFlagged,
     CheckpointCreated,
@@ -135,16 +150,18 @@ class RunBookkeeper:
             if default is not self.bus:
                 self.hooks = default
                 self.bus.subscribe(Event, default.emit)
+        self._writes: list[dict[str, Any]] = []
         if active:
             shared = cfg.registry_path is not None
             path = cfg.registry_path or runfiles.RunFiles(run_dir).registry
             self.registry: EntityRegistry | NullRegistry = EntityRegistry(
-                path, bus=self.bus, write_behind=not shared)
+                path, bus=self.bus, write_behind=not shared, on_write=self._written)
         else:
             self.registry = NullRegistry()
         self.active = active
         self.run_id: UUID | None = None
         self.model_id: UUID | None = None
+        self.trained_model: ModelEntity | None = None  # the model's version after finish("completed")
         self._run_event: UUID | None = None
         self._step_events: dict[int, UUID] = {}
         self._checkpointed_step: int | None = None
@@ -152,38 +169,47 @@ class RunBookkeeper:
         self._reputation_ids: dict[int, UUID] = {}
         self._last_reputation: dict[int, tuple] = {}
         self._last_checkpoint: UUID | None = None
+        self._checkpoint_ids: dict[str, UUID] = {}  # path -> lineage_id of the checkpoints of this model
+        self._lineage_id: UUID | None = None
         self._detector_id: UUID | None = None
+
+    def _written(self, entity: Entity, data: str) -> None:
+        """The registry's write hook: one audit line's worth per version (type, ids, sha256)."""
+        self._writes.append({"type": entity.type_name(), "lineage_id": str(entity.lineage_id),
+                             "version": entity.version, "ecs_id": str(entity.ecs_id),
+                             "sha256": hashlib.sha256(data.encode()).hexdigest()})
+
+    def take_writes(self) -> list[dict[str, Any]]:
+        """The entity versions written since the last call (type, lineage_id, version, ecs_id
+        and the sha256 of the stored JSON), oldest first; call from the thread that writes."""
+        writes, self._writes = self._writes, []
+        return writes
+
+    def _apply(self, op: Operation) -> Entity:
+        """Commit ``op`` through the registry's conflict resolver (Pre-ECS staging, OCC)."""
+        return self.registry.resolver.execute(op)
 
     # -- the calls the trainer makes -----------------------------------------------------------
 
-    def start(self, *, name: str, cfg: Any, model_info: dict[str, Any], dataset_info: dict[str, Any],
-              weights_hash: str, world_size: int, rule: str, f: int, resumed_from: str | None = None) -> None:
-        """Register config, dataset, model, run, detector and one reputation per rank; or, when
-        the run resumes (``resumed_from``: the checkpoint's sha256) and the registry already
-        holds it, continue those entities, the next checkpoint descending from that one."""
+    def start(self, *, name: str, cfg: Any, inputs: RunInputs, world_size: int, rule: str, f: int,
+              resumed_from: str | None = None) -> None:
+        """Register the run's inputs (config, data set, model, reference), the run linked to
+        them, its detector, one reputation per rank and the model's checkpoint lineage; or,
+        when the run resumes (``resumed_from``: the checkpoint's sha256) and the registry
+        already holds it, continue those entities, the next checkpoint descending from that one."""
         if not self.active:
             return
         if resumed_from and self._continue(name, resumed_from, cfg.train.max_steps):
             return
-        gspo = cfg.gspo
-        config, _dataset, model = self.registry.register_many([
-            GSPOConfigEntity(
-                name=name, values=cfg.model_dump(mode="json"), digest=cfg.digest(),
-                **gspo.model_dump(include=set(GSPOConfigEntity.model_fields) - set(ConfigEntity.model_fields))),
-            DatasetEntity(**dataset_info),
-            ModelEntity(name=name, weights_hash=weights_hash, precision=cfg.model.dtype, **model_info),
-        ])
-        run = self.registry.register(GSPOTrainingRunEntity(
-            name=name, config_id=config.lineage_id, policy_model_id=model.lineage_id,
-            total_steps=cfg.train.max_steps, world_size=world_size, num_byzantine=f,
-            aggregation_rule=rule, status="running"))
-        detector = self.registry.register(ByzantineDetectorEntity(
-            rule=rule, world_size=world_size, num_byzantine=f, z_threshold=cfg.aggregation.z_threshold,
-            quarantine_after=cfg.aggregation.reputation.quarantine_after, run_id=run.lineage_id))
-        self._detector_id = detector.lineage_id
-        reps = self.registry.register_many(ReputationEntity(rank=r, run_id=run.lineage_id)
-                                           for r in range(world_size))
-        self.run_id, self.model_id = run.lineage_id, model.lineage_id
+        factory = EntityFactory(cfg, name)
+        self.registry.register_many([inputs.config, inputs.dataset, inputs.model,
+                                     *([inputs.reference] if inputs.reference else [])])
+        run = self.registry.register(factory.run(inputs, world_size=world_size, rule=rule, f=f))
+        detector = self.registry.register(factory.detector(run.lineage_id, world_size=world_size, rule=rule, f=f))
+        reps = self.registry.register_many(factory.reputations(run.lineage_id, world_size))
+        lineage = self.registry.register(factory.lineage(inputs.model))
+        self.run_id, self.model_id = run.lineage_id, inputs.model.lineage_id
+        self._detector_id, self._lineage_id = detector.lineage_id, lineage.lineage_id
         self._reputation_ids = {e.rank: e.lineage_id for e in reps}
         self._started(run.config_id, cfg.train.max_steps)
 
@@ -213,16 +239,21 @@ class RunBookkeeper:
                                 for e in self.registry.query(ReputationEntity, run_id=run.lineage_id)}
         detectors = self.registry.query(ByzantineDetectorEntity, run_id=run.lineage_id)
         self._detector_id = detectors[-1].lineage_id if detectors else None
-        parents = self.registry.query(ModelCheckpointEntity, checkpoint_hash=checkpoint_sha256)
+        lineages = self.registry.query(ModelLineageEntity, root_model_id=run.policy_model_id)
+        self._lineage_id = lineages[-1].lineage_id if lineages else None
+        checkpoints = self.registry.query(ModelCheckpointEntity, base_model_id=run.policy_model_id)
+        self._checkpoint_ids = {c.path: c.lineage_id for c in checkpoints}
+        parents = [c for c in checkpoints if c.checkpoint_hash == checkpoint_sha256]
         self._last_checkpoint = parents[-1].lineage_id if parents else None
-        self.registry.update(self.run_id, lambda e: e.evolve(status="running", total_steps=total_steps),
-                             priority=OperationPriority.HIGH)
+        self._apply(StructuralOperation("run.resume", self.run_id,
+                                        lambda e: e.evolve(status="running", total_steps=total_steps)))
         self._started(run.config_id, total_steps)
         return True
 
     def step(self, step: int, record: dict[str, Any], z_scores: list[float],
              reputations: list[Any] | None = None) -> None:
-        """Emit the step's events; version the run and every reputation that changed.
+        """Emit the step's events; version the run and every reputation that changed, and the
+        detector when the ranks it holds Byzantine changed.
         ``reputations``: objects with the fields of :class:`ReputationSnapshot`."""
         if not self.active:
             return
@@ -237,47 +268,70 @@ class RunBookkeeper:
         for r in record.get("flagged", []):
             self.bus.emit(ByzantineRankFlagged(flagged_rank=r, score=z_scores[r] if r < len(z_scores) else 0.0,
                                                step=step, rank=0, reason="robust z-score", parent_id=event_id))
-        self.registry.update(self.run_id, lambda e: e.evolve(step=step + 1), priority=OperationPriority.HIGH)
-        for rep in reputations or []:
-            self._record_reputation(step, rep)
+        self._apply(StructuralOperation("run.step", self.run_id, lambda e: e.evolve(step=step + 1)))
+        if any([self._record_reputation(step, rep) for rep in reputations or []]):
+            self._detect()
 
-    def _record_reputation(self, step: int, rep: Any, *, force: bool = False) -> None:
-        # A new version only when trust, flags or quarantine moved: clean steps alone are
-        # counted in memory and written by `finish`.
+    def _record_reputation(self, step: int, rep: Any, *, force: bool = False) -> bool:
+        """Version the rank's reputation when trust, flags or quarantine moved (clean steps
+        alone are counted in memory and written by ``finish``); returns whether they moved."""
         fields = _reputation_fields(rep)
         key = (fields["trust_score"], fields["flag_count"], fields["quarantined"])
         previous = self._last_reputation.get(rep.rank, (1.0, 0, False))
         if key == previous and not force:
-            return
+            return False
         self._last_reputation[rep.rank] = key
-        self.registry.update(self._reputation_ids[rep.rank], lambda e: e.evolve(**fields, last_step=step),
-                             priority=OperationPriority.HIGH)
+        self._apply(StructuralOperation("reputation.update", self._reputation_ids[rep.rank],
+                                        lambda e: e.evolve(**fields, last_step=step)))
         if key == previous:
-            return
-        old_trust = previous[0]
-        self.bus.emit(ReputationChanged(subject_rank=rep.rank, old_trust=old_trust, new_trust=rep.trust,
+            return False
+        self.bus.emit(ReputationChanged(subject_rank=rep.rank, old_trust=previous[0], new_trust=rep.trust,
                                         quarantined=rep.quarantined, step=step, rank=0,
                                         parent_id=self._step_event(step)))
+        return True
+
+    def _detect(self) -> None:
+        """Version the detector when the ranks it holds Byzantine (``detect_byzantine_entities``
+        over the run's reputations) changed (NORMAL: a verification result)."""
+        if self._detector_id is None:
+            return
+        detector = self.registry.get(self._detector_id)
+        reps = [self.registry.get(i) for i in self._reputation_ids.values()]
+        found = [r.rank for r in CallableRegistry.execute(DETECT_BYZANTINE_ENTITIES, detector, reps)]
+        if found != detector.byzantine_ranks:
+            self._apply(NormalOperation("detector.verdict", self._detector_id,
+                                        lambda e: e.evolve(byzantine_ranks=found)))
 
     def rule_changed(self, rule: str, f: int) -> None:
         """A hot swap replaced the aggregation rule: version the run and its detector."""
         if not self.active or self.run_id is None:
             return
-        self.registry.update(self.run_id, lambda e: e.evolve(aggregation_rule=rule, num_byzantine=f),
-                             priority=OperationPriority.HIGH)
+        self._apply(StructuralOperation("run.rule", self.run_id,
+                                        lambda e: e.evolve(aggregation_rule=rule, num_byzantine=f)))
         if self._detector_id is not None:
-            self.registry.update(self._detector_id, lambda e: e.evolve(rule=rule, num_byzantine=f),
-                                 priority=OperationPriority.HIGH)
+            self._apply(NormalOperation("detector.rule", self._detector_id,
+                                        lambda e: e.evolve(rule=rule, num_byzantine=f)))
 
-    def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float]) -> UUID | None:
-        """Register a checkpoint as the child of the previous one; returns its lineage id.
-        ``step`` counts the steps done, so its event's parent is step ``step - 1``'s event."""
+    def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float],
+                   pruned: list[Path] | None = None) -> UUID | None:
+        """Register a checkpoint as the child of the previous one and append it to the model's
+        lineage (NORMAL), then mark the ``pruned`` checkpoints (LOW: clean-up); returns its
+        lineage id. ``step`` counts the steps done, so its event's parent is step ``step - 1``'s
+        event. A pruned path this run never registered is skipped."""
         if not self.active:
             return None
         ck = self.registry.register(ModelCheckpointEntity(
             base_model_id=self.model_id, path=str(path), step=step, checkpoint_hash=sha256,
             metrics={k: float(v) for k, v in metrics.items()}, parent_checkpoint_id=self._last_checkpoint))
         self._last_checkpoint = ck.lineage_id
+        self._checkpoint_ids[ck.path] = ck.lineage_id
+        if self._lineage_id is not None:
+            self._apply(NormalOperation("lineage.append", self._lineage_id,
+                                        lambda e: e.evolve(checkpoint_ids=[*e.checkpoint_ids, ck.lineage_id])))
+        for gone in pruned or []:
+            target = self._checkpoint_ids.pop(str(gone), None)
+            if target is not None:
+                self._apply(LowPriorityOperation("checkpoint.prune", target, lambda e: e.evolve(pruned=True)))
         self._checkpointed_step = step
         parent = self._step_event(step - 1) if step > 0 else self._run_event
         self.bus.emit(CheckpointCreated(run_id=self.run_id, checkpoint_id=ck.lineage_id, path=str(path),
@@ -287,17 +341,18 @@ class RunBookkeeper:
     def finish(self, status: str, weights_hash: str | None = None, step: int | None = None,
                reputations: list[Any] | None = None, metrics: dict[str, float] | None = None,
                final_checkpoint_id: UUID | None = None) -> None:
-        """Mark the run ``completed`` or ``failed``, the model's final weights and every rank's
-        final reputation. ``TrainingCompleted`` carries the last step's figures updated with
-        ``metrics``, and the final checkpoint's id."""
+        """Mark the run ``completed`` or ``failed``, the model's final weights (kept as
+        :attr:`trained_model`) and every rank's final reputation. ``TrainingCompleted`` carries
+        the last step's figures updated with ``metrics``, and the final checkpoint's id."""
         if not self.active or self.run_id is None:
             return
         for rep in reputations or []:
             self._record_reputation(step or 0, rep, force=True)
-        self.registry.update(self.run_id, lambda e: e.evolve(status=status), priority=OperationPriority.CRITICAL)
+        self._apply(Operation("run.status", self.run_id, lambda e: e.evolve(status=status),
+                              priority=OperationPriority.CRITICAL))
         if weights_hash:
-            self.registry.update(self.model_id, lambda e: e.evolve(weights_hash=weights_hash),
-                                 priority=OperationPriority.NORMAL)
+            self.trained_model = self._apply(StructuralOperation(  # type: ignore[assignment]
+                "model.weights", self.model_id, lambda e: e.evolve(weights_hash=weights_hash)))
         self.bus.emit(TrainingCompleted(
             run_id=self.run_id, model_id=self.model_id, status=status, rank=0, step=step,
             parent_id=self._run_event, final_metrics={**self._last_metrics, **(metrics or {})},

@@ -406,6 +406,7 @@ class CheckpointManager:
         self.root = self.run_dir / CHECKPOINTS
         self.parent: CheckpointInfo | None = None  # the checkpoint the next save descends from
         self.skipped: list[tuple[str, str]] = []  # corrupt checkpoints the last resume passed over
+        self.pruned: list[Path] = []  # checkpoints the last save deleted (rank 0)
 
     @staticmethod
     def step_dir_name(step: int) -> str:
@@ -459,7 +460,7 @@ class CheckpointManager:
         path = _atomic_checkpoint(self.root / self.step_dir_name(step), write, manifest)
         info = checkpoint_info(path)
         self.parent = info
-        self.prune()
+        self.pruned = self.prune()
         return info
 
     def prune(self) -> list[Path]:

@@ -32,11 +32,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedgspo.config import Config, ConfigError, apply_overrides, format_validation_error, read_yaml, set_dotted
-from fedgspo.entities.conflicts import OperationPriority
 from fedgspo.distributed import broadcast_json
-from fedgspo.entities import AIPipelineEntity, TrainingStageEntity
+from fedgspo.entities import TrainingStageEntity
+from fedgspo.entities.callables import CallableRegistry
+from fedgspo.entities.conflicts import OperationPriority
 from fedgspo.entities.registry import EntityRegistry, NullRegistry
-from fedgspo.entities.tree import DependencyCycleError, MissingDependencyError, topological_order
+from fedgspo.entities.tree import (
+    DependencyCycleError,
+    MissingDependencyError,
+    build_ai_training_pipeline,
+    topological_order,
+)
+from fedgspo.operations import CREATE_AI_PIPELINE
 from fedgspo import runfiles
 
 PIPELINE_REGISTRY = runfiles.REGISTRY
@@ -120,10 +127,14 @@ def stage_config(cfg: Config, spec: PipelineSpec, stage: StageSpec) -> Config:
 
 def run_pipeline(spec: PipelineSpec, configs: dict[str, Config], *, is_main: bool,
                  run_stage: Callable[[Config], dict[str, Any] | None]) -> bool:
-    """Run the stages in order (``configs`` is in run order), every rank together.
+    """Run the stages in order, every rank together: the ``create_ai_pipeline`` operation makes
+    the pipeline entity over the stage entities, and the stages run in the dependency order of
+    its tree (:func:`~fedgspo.entities.tree.build_ai_training_pipeline`), built on every rank
+    (rank 0 alone registers the entities and versions each stage's status, NORMAL priority).
 
-    ``run_stage(cfg)`` trains one stage and returns its summary on rank 0. Returns ``True``
-    when every stage met its completion criteria; stops at the first that did not.
+    ``run_stage(cfg)`` trains one stage (through ``train_with_gspo``) and returns its summary
+    on rank 0. Returns ``True`` when every stage met its completion criteria; stops at the
+    first that did not.
     """
     stages = {s.name: s for s in spec.stages}
     if is_main:
@@ -132,18 +143,22 @@ def run_pipeline(spec: PipelineSpec, configs: dict[str, Config], *, is_main: boo
     try:
         entities: dict[str, TrainingStageEntity] = {}
         for name in configs:
-            entities[name] = registry.register(TrainingStageEntity(
+            entities[name] = TrainingStageEntity(
                 name=name, depends_on=[entities[d].lineage_id for d in stages[name].depends_on],
-                completion_criteria=stages[name].completion_criteria))
-        registry.register(AIPipelineEntity(name=spec.name, stage_ids=[e.lineage_id for e in entities.values()]))
-        for name, cfg in configs.items():
-            stage_id = entities[name].lineage_id
-            registry.update(stage_id, lambda e: e.evolve(status="running"), priority=OperationPriority.NORMAL)
-            summary = run_stage(stage_config(cfg, spec, stages[name])) or {}
+                completion_criteria=stages[name].completion_criteria)
+        pipeline = CallableRegistry.execute(CREATE_AI_PIPELINE, spec.name, *entities.values())
+        tree = build_ai_training_pipeline(pipeline, entities.values())
+        registry.register_many([*entities.values(), pipeline])
+        by_id = {e.lineage_id: name for name, e in entities.items()}
+        for stage_id in tree.dependency_order(pipeline.stage_ids):
+            name = by_id[stage_id]
+            registry.update(stage_id, lambda e: e.evolve(status="running"), name="stage.running",
+                            priority=OperationPriority.NORMAL)
+            summary = run_stage(stage_config(configs[name], spec, stages[name])) or {}
             metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
             done = broadcast_json(bool(is_main and entities[name].is_complete(metrics))) is True
             registry.update(stage_id, lambda e: e.evolve(status="completed" if done else "failed"),
-                            priority=OperationPriority.NORMAL)
+                            name="stage.status", priority=OperationPriority.NORMAL)
             if not done:
                 return False
         return True

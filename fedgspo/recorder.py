@@ -7,7 +7,10 @@ which rank it is. Every file goes where :class:`fedgspo.runfiles.RunFiles` says.
 
 The writes (registry and events, audit log, metrics, alerts) run on one writer thread
 (:class:`fedgspo.writer.BackgroundWriter`), in the order the trainer makes them, so the
-training thread only queues them; the audit log's hash chain keeps that order. The queue is
+training thread only queues them; the audit log's hash chain keeps that order. Every entity
+version the bookkeeping writes is audited: after each bookkeeping call, one ``entity_write``
+record lists its versions (type, ids, version, sha256 of the stored JSON), on the same thread,
+so it follows the records queued before that call and precedes those queued after. The queue is
 bounded (``bookkeeping.writer_queue``): when it is full, the training thread waits for room
 rather than drop a record. :meth:`Recorder.flush` waits for everything queued and persists the
 registry and ``events.jsonl``; :meth:`Recorder.checkpoint` and :meth:`Recorder.finish` flush,
@@ -25,6 +28,7 @@ closed.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,10 @@ from fedgspo.bookkeeping import RunBookkeeper, snapshot_reputations
 from fedgspo.checkpoint import save_checkpoint
 from fedgspo.config import Config, ConfigError
 from fedgspo.distributed import DistContext, broadcast_json
+from fedgspo.entities import ModelEntity
 from fedgspo.entities.events import AnyBus, NullEventBus
-from fedgspo.integrity.audit import RUN_END, RUN_START, AuditLog
+from fedgspo.factory import RunInputs, trained_version
+from fedgspo.integrity.audit import ENTITY_WRITE, RUN_END, RUN_START, AuditLog
 from fedgspo.integrity.auth import Keyring, RequestInbox, audit_auth_failures
 from fedgspo.runfiles import RunFiles, write_json_atomic, write_text_atomic
 from fedgspo.telemetry.alerts import AlertMonitor
@@ -75,10 +81,32 @@ class Recorder:
         # Without an admin key, hot swaps come from <run dir>/hotswap.json; with one, only as
         # signed operator requests.
         self.hotswap_root: Path | None = files.root if admin_key is None else None
+        self.inputs: RunInputs | None = None
+        self._trained: ModelEntity | None = None
+        self._step = 0  # the step of the last bookkeeping call queued (for its entity_write record)
 
     @property
     def bus(self) -> AnyBus:
         return self.book.bus
+
+    @property
+    def trained_model(self) -> ModelEntity | None:
+        """After :meth:`finish`: the trained model's registry version (built locally when
+        bookkeeping is off); ``None`` before."""
+        return self.book.trained_model or self._trained
+
+    def bind(self, inputs: RunInputs) -> None:
+        """The entities :meth:`start` registers (config, data set, model, reference)."""
+        self.inputs = inputs
+
+    def _book(self, step: int, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run a bookkeeping call (on the writer thread), then audit the entity versions it
+        wrote as one ``entity_write`` record naming the call."""
+        result = call(*args, **kwargs)
+        writes = self.book.take_writes()
+        if writes:
+            self.audit_log.append(ENTITY_WRITE, {"operation": call.__name__.lstrip("_"), "writes": writes}, step=step)
+        return result
 
     def say(self, message: str) -> None:
         """One console line on stderr (kept clear of the progress bar)."""
@@ -99,36 +127,43 @@ class Recorder:
                 "writer_full_waits": writer["full_waits"], **(self.alerts.counters() if self.alerts else {})}
 
     def start(self, *, first_step: int, world_size: int, participants: list[str], weights_sha256: str, rule: str,
-              f: int, model_info: dict[str, Any], dataset_info: dict[str, Any], resumed_from: str | None) -> None:
+              f: int, resumed_from: str | None) -> None:
         """Write the resolved config, audit the start (with the participant behind each rank)
-        and register the run's entities (queued)."""
+        and register the run's entities, the ones :meth:`bind` gave (queued). Raises
+        ``RuntimeError`` when nothing was bound."""
+        if self.inputs is None:
+            raise RuntimeError("Recorder.start: bind the run's input entities first")
+        self._step = first_step
         self.writer.submit(write_text_atomic, self.files.config,
                            yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         self.audit(RUN_START, {"config_sha256": self.cfg.digest(), "world_size": world_size,
                                "participants": participants, "weights_sha256": weights_sha256,
                                "first_step": first_step}, step=first_step)
-        self.writer.submit(self.book.start, name=self.files.root.name, cfg=self.cfg, model_info=model_info,
-                           dataset_info=dataset_info, weights_hash=weights_sha256, world_size=world_size,
-                           rule=rule, f=f, resumed_from=resumed_from)
+        self.writer.submit(self._book, first_step, self.book.start, name=self.files.root.name, cfg=self.cfg,
+                           inputs=self.inputs, world_size=world_size, rule=rule, f=f, resumed_from=resumed_from)
 
     def publish(self, record: dict[str, Any], z_scores: list[float], reputations: list[Any]) -> None:
         """Queue a step record's outputs: events and registry versions, metrics, alerts. The
         record and the reputations are copied: the caller may reuse them."""
+        self._step = record["step"]
         self.writer.submit(self._publish, dict(record), list(z_scores), snapshot_reputations(reputations))
 
     def _publish(self, record: dict[str, Any], z_scores: list[float], reputations: list[Any]) -> None:
-        self.book.step(record["step"], record, z_scores, reputations)
+        self._book(record["step"], self.book.step, record["step"], record, z_scores, reputations)
         self.logger.log(record)
         if self.alerts:
             self.alerts.observe(record)
 
-    def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float]) -> None:
-        """Register a checkpoint as the child of the previous one, then :meth:`flush`."""
-        self.writer.submit(self.book.checkpoint, path, step, sha256, dict(metrics))
+    def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float],
+                   pruned: list[Path] | None = None) -> None:
+        """Register a checkpoint as the child of the previous one and mark the checkpoints its
+        save ``pruned``, then :meth:`flush`."""
+        self._step = step
+        self.writer.submit(self._book, step, self.book.checkpoint, path, step, sha256, dict(metrics), list(pruned or []))
         self.flush()
 
     def rule_changed(self, rule: str, f: int) -> None:
-        self.writer.submit(self.book.rule_changed, rule, f)
+        self.writer.submit(self._book, self._step, self.book.rule_changed, rule, f)
 
     def flush(self) -> None:
         """Wait until everything queued is written, then persist the registry's write-behind
@@ -156,8 +191,11 @@ class Recorder:
         curve = list({r["step"]: r["reward_mean"] for r in read_metrics(self.files.root)}.values())
         window = min(10, len(curve))
         first, last = sum(curve[:window]) / window, sum(curve[-window:]) / window
-        self.writer.submit(self._finish_run, final, steps, weights, snapshot_reputations(reputations),
+        self._step = steps
+        self.writer.submit(self._book, steps, self._finish_run, final, steps, weights, snapshot_reputations(reputations),
                            {"reward_first10": first, "reward_last10": last, "seconds": seconds})
+        if self.inputs is not None:
+            self._trained = trained_version(self.inputs.model, weights)
         self.audit(RUN_END, {"weights_sha256": weights, "final_checkpoint": str(final)}, step=steps)
         summary = {
             "steps": steps, "world_size": world_size, "rule": rule, "f": f, "resumed_at": first_step,
@@ -183,7 +221,7 @@ class Recorder:
         A writer error not raised yet is raised here after closing when ``outcome`` is None,
         and only reported on the console otherwise (the run's own error comes first)."""
         if outcome and not self.writer.failed:
-            self.writer.submit(self.book.finish, outcome)
+            self.writer.submit(self._book, self._step, self.book.finish, outcome)
         error = self.writer.close()
         self.book.close()
         self.logger.close()
@@ -204,9 +242,15 @@ class NullRecorder:
     hotswap_root: Path | None = None
 
     def __init__(self, cfg: Config, files: RunFiles | None = None, *, rank: int = 0) -> None:
+        self.rank = rank
+        self.inputs: RunInputs | None = None
+        self.trained_model: ModelEntity | None = None  # after finish: the bound model with the final weights
         self.bus: AnyBus = NullEventBus()
         self.tracer = StepTracer(cfg.tracing, files.root if files else None,
                                  run_name=files.root.name if files else "", rank=rank)
+
+    def bind(self, inputs: RunInputs) -> None:
+        self.inputs = inputs
 
     def say(self, message: str) -> None:
         pass
@@ -226,7 +270,8 @@ class NullRecorder:
     def publish(self, record: dict[str, Any], z_scores: list[float], reputations: list[Any]) -> None:
         pass
 
-    def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float]) -> None:
+    def checkpoint(self, path: Path, step: int, sha256: str, metrics: dict[str, float],
+                   pruned: list[Path] | None = None) -> None:
         pass
 
     def rule_changed(self, rule: str, f: int) -> None:
@@ -235,8 +280,10 @@ class NullRecorder:
     def flush(self) -> None:
         pass
 
-    def finish(self, model: torch.nn.Module, **kwargs: Any) -> None:
-        return None
+    def finish(self, model: torch.nn.Module, *, weights_per_rank: list[str], **kwargs: Any) -> None:
+        """No summary here; the trained model entity is built locally from this rank's hash."""
+        if self.inputs is not None:
+            self.trained_model = trained_version(self.inputs.model, weights_per_rank[self.rank])
 
     def close(self, outcome: str | None = None) -> None:
         self.tracer.close()

@@ -79,6 +79,9 @@ from fedgspo.integrity.audit import (
 )
 from fedgspo.integrity.auth import AuthError, UpdateAuthenticator, load_keyring, poll_requests
 from fedgspo.integrity.proof import RolloutClaim, build_proofs, cross_verify
+from fedgspo.entities.callables import CallableRegistry
+from fedgspo.factory import EntityFactory
+from fedgspo.operations import TRAIN_WITH_GSPO
 from fedgspo.pipeline import load_pipeline, run_pipeline
 from fedgspo.preemption import EXIT_PREEMPTED, SIGNALS, Preempted, StopSignals
 from fedgspo.preflight import Prepared, prepare
@@ -405,7 +408,8 @@ class Trainer:
 
     def save_checkpoint(self, step: int, record: dict, *, now: bool = False) -> None:
         """Every ``checkpoint.every`` steps, or ``now`` (collective): model, optimizer, schedule,
-        RNG and reputation; rank 0 audits it and registers it as the child of the previous one."""
+        RNG and reputation; rank 0 audits it, registers it as the child of the previous one and
+        marks the checkpoints the save pruned."""
         if not (now or self.checkpoints.due(step)):
             return
         extra = {"reputation": self.reputation.state_dict(), "rule": self.swapper.slots["aggregator"],
@@ -415,7 +419,8 @@ class Trainer:
             return
         self.recorder.audit(CHECKPOINT, {"path": str(info.path), "sha256": info.sha256,
                                          "weights_sha256": info.weights_sha256, "parent": info.parent}, step=step)
-        self.recorder.checkpoint(info.path, info.step, info.sha256, {"reward_mean": record["reward_mean"]})
+        self.recorder.checkpoint(info.path, info.step, info.sha256, {"reward_mean": record["reward_mean"]},
+                                 pruned=self.checkpoints.pruned)
 
     def save_site_states(self, step: int) -> list[str]:
         """Each site's leader writes its site's own state (collective); returns the sha256 of
@@ -613,7 +618,8 @@ class Trainer:
         self.recorder.publish(record, z_scores, self.reputation.ranks)
 
     def start(self, first_step: int) -> None:
-        """Rank 0 writes the resolved config, audits the start and registers the run."""
+        """Rank 0 writes the resolved config, audits the start and registers the run with the
+        input entities bound to its recorder (:func:`fedgspo.operations.train_with_gspo`)."""
         fed = self.fed
         every = "step" if fed.local_steps == 1 else f"{fed.local_steps} steps (one round)"
         self.recorder.say(f"policy: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
@@ -623,14 +629,10 @@ class Trainer:
                               f"local_steps={fed.local_steps}, compression={fed.cfg.compression}"
                               f"{' with error feedback' if fed.feedback else ''}")
         parent = self.checkpoints.parent
-        hf = self.model.config
         self.recorder.start(
             first_step=first_step, world_size=self.ctx.world_size, participants=self.participants,
             weights_sha256=weights_sha256(self.model),
-            rule=self.aggregator.spec(), f=self.aggregator.f, resumed_from=parent.sha256 if parent else None,
-            model_info={"model_type": hf.model_type, "vocab_size": hf.vocab_size, "hidden_size": hf.hidden_size,
-                        "num_layers": hf.num_hidden_layers},
-            dataset_info=dataset_info(self.cfg, self.task))
+            rule=self.aggregator.spec(), f=self.aggregator.f, resumed_from=parent.sha256 if parent else None)
 
     def finish(self, history: list[dict], first_step: int) -> None:
         """Every rank reports its weights hash (they must agree: bytes, never pickle); rank 0
@@ -704,8 +706,10 @@ def _configure_threads(cfg: Config, ctx: DistContext) -> None:
 
 
 def run(cfg: Config, ctx: DistContext) -> dict | None:
-    """Train one run on every rank; returns its summary on rank 0 (``None`` elsewhere).
-    Raises :class:`ConfigError` when the run directory is taken (on every rank)."""
+    """Train one run on every rank through the ``train_with_gspo`` operation, its config, model
+    and data set entities built from ``cfg`` on each rank (:class:`fedgspo.factory.EntityFactory`);
+    returns its summary on rank 0 (``None`` elsewhere). Raises :class:`ConfigError` when the
+    run directory is taken (on every rank)."""
     hf_logging.disable_progress_bar()  # transformers' bar on every checkpoint write
     try:
         SiteLayout.from_config(cfg.federated, ctx.world_size, ctx.local_world_size)
@@ -717,15 +721,13 @@ def run(cfg: Config, ctx: DistContext) -> dict | None:
         trainer = Trainer(cfg, ctx, run_dir, prepared)
     except ModelError as err:
         raise ConfigError(str(err)) from None
+    factory = EntityFactory(cfg, run_dir.name)
     try:
-        trainer.train()
-    except Preempted:
-        trainer.close(outcome="cancelled")
-        raise
+        inputs = factory.inputs(trainer.model.config, weights_sha256(trainer.model), dataset_info(cfg, prepared.task))
     except BaseException:
         trainer.close(outcome="failed")
         raise
-    trainer.close()
+    CallableRegistry.execute(TRAIN_WITH_GSPO, inputs.config, inputs.model, inputs.dataset, trainer=trainer)
     return trainer.summary
 
 

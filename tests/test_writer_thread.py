@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import threading
+from types import SimpleNamespace
 
 import pytest
 
 from fedgspo.config import load_config
-from fedgspo.integrity.audit import CHECKPOINT, DETECTION, RUN_START, verify_audit_log
+from fedgspo.factory import EntityFactory
+from fedgspo.integrity.audit import CHECKPOINT, DETECTION, ENTITY_WRITE, RUN_START, verify_audit_log
 from fedgspo.recorder import Recorder
 from fedgspo.robust.reputation import RankReputation
 from fedgspo.runfiles import RunFiles
@@ -68,10 +70,10 @@ def _recorder(tmp_path, *overrides: str) -> Recorder:
 
 
 def _start(recorder: Recorder, world_size: int = 2) -> None:
+    hf = SimpleNamespace(model_type="tiny", vocab_size=16, hidden_size=8, num_hidden_layers=1)
+    recorder.bind(EntityFactory(recorder.cfg, "run").inputs(hf, "0" * 64, {"name": "digits/x", "source": "synthetic"}))
     recorder.start(first_step=0, world_size=world_size, participants=[f"p{r}" for r in range(world_size)],
-                   weights_sha256="0" * 64, rule="median", f=0,
-                   model_info={"model_type": "tiny", "vocab_size": 16, "hidden_size": 8, "num_layers": 1},
-                   dataset_info={"name": "digits/x", "source": "synthetic"}, resumed_from=None)
+                   weights_sha256="0" * 64, rule="median", f=0, resumed_from=None)
 
 
 def _record(step: int) -> dict:
@@ -90,7 +92,7 @@ def test_flush_puts_every_queued_record_on_disk(tmp_path):
     files = recorder.files
     assert [r["step"] for r in read_metrics(files.root)] == list(range(20))
     kinds = [json.loads(line)["kind"] for line in files.audit.read_text().splitlines()]
-    assert kinds == [RUN_START] + [DETECTION] * 20
+    assert [k for k in kinds if k != ENTITY_WRITE] == [RUN_START] + [DETECTION] * 20
     events = [json.loads(line)["type"] for line in files.events.read_text().splitlines()]
     assert events.count("StepCompleted") == 20 and events.count("ByzantineRankFlagged") == 20
     recorder.close("cancelled")
@@ -118,8 +120,10 @@ def test_audit_order_and_chain_survive_the_writer(tmp_path):
         recorder.queued_audit.append(CHECKPOINT, {"n": step}, step=step)  # the inbox's path
     recorder.close("cancelled")
     summary = verify_audit_log(recorder.files.audit)
-    assert summary.records == 11 and summary.head_checked
-    steps = [json.loads(line)["step"] for line in recorder.files.audit.read_text().splitlines()]
+    records = [json.loads(line) for line in recorder.files.audit.read_text().splitlines()]
+    assert summary.records == 13 and summary.head_checked
+    assert [r["kind"] for r in records].count(ENTITY_WRITE) == 2  # the start's entities, the run's status
+    steps = [r["step"] for r in records if r["kind"] != ENTITY_WRITE]
     assert steps == [0] + [s for s in range(5) for _ in range(2)]
 
 

@@ -34,10 +34,12 @@ from fedgspo.entities import (
     AIPipelineEntity,
     GSPOTrainingRunEntity,
     ModelCheckpointEntity,
+    ModelLineageEntity,
     ReputationEntity,
     TrainingStageEntity,
 )
 from fedgspo.entities.registry import REGISTRY_FILENAME, EntityRegistry
+from fedgspo.entities.tree import EdgeType, build_model_lineage_tree
 from fedgspo.telemetry.metrics import read_metrics
 from fedgspo import runfiles
 
@@ -344,16 +346,23 @@ def _checkpoint_node(ck_id: str, path: Path, step: int, reward: float | None, pr
 
 def _registry_checkpoints(lineage: Lineage, registry: EntityRegistry, run: GSPOTrainingRunEntity,
                           resumes: list[float]) -> None:
+    """The checkpoints of the run's ``ModelLineageEntity`` with the parent edges of
+    :func:`~fedgspo.entities.tree.build_model_lineage_tree`; a registry written before model
+    lineages existed has none, and then every checkpoint of the model is listed."""
     checkpoints = registry.query(ModelCheckpointEntity, base_model_id=run.policy_model_id)
+    found = registry.query(ModelLineageEntity, root_model_id=run.policy_model_id)
+    model_lineage = found[-1] if found else ModelLineageEntity(
+        root_model_id=run.policy_model_id, checkpoint_ids=[c.lineage_id for c in checkpoints])
+    tree = build_model_lineage_tree(model_lineage, checkpoints)
+    by_id = {c.lineage_id: c for c in checkpoints}
+    for ck_id in model_lineage.checkpoint_ids:
+        ck = by_id[ck_id]
+        present = not ck.pruned and _on_disk(Path(ck.path), ck.checkpoint_hash)
+        lineage.add(_checkpoint_node(str(ck_id), Path(ck.path), ck.step, ck.metrics.get("reward_mean"), present))
     created = {c.lineage_id: c.created_at.timestamp() for c in checkpoints}
-    for ck in checkpoints:
-        lineage.add(_checkpoint_node(str(ck.lineage_id), Path(ck.path), ck.step, ck.metrics.get("reward_mean"),
-                                     _on_disk(Path(ck.path), ck.checkpoint_hash)))
-    for ck in checkpoints:
-        parent = ck.parent_checkpoint_id
-        if parent in created:
-            resumed = any(created[parent] < t < created[ck.lineage_id] for t in resumes)
-            lineage.edges.append((str(parent), str(ck.lineage_id), "resumed" if resumed else ""))
+    for parent, child in tree.edges(EdgeType.LINEAGE):
+        resumed = any(created[parent] < t < created[child] for t in resumes)
+        lineage.edges.append((str(parent), str(child), "resumed" if resumed else ""))
 
 
 def checkpoints_on_disk(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:

@@ -39,6 +39,8 @@ _LAZY = {
     "MissingDependencyError": "tree",
     "topological_order": "tree",
     "resolve_stages": "tree",
+    "build_model_lineage_tree": "tree",
+    "build_ai_training_pipeline": "tree",
     "RegistryClient": "client",
     "WriteRequest": "client",
     "SyncReport": "client",

@@ -45,6 +45,7 @@ class ModelCheckpointEntity(Entity):
     checkpoint_hash: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     parent_checkpoint_id: UUID | None = Field(None, description="lineage_id of the previous checkpoint.")
+    pruned: bool = Field(False, description="True once its files were deleted (the entity still links the chain).")
 
 
 class ConfigEntity(Entity):
@@ -78,7 +79,8 @@ class TrainingRunEntity(Entity):
     name: str = Field(min_length=1)
     config_id: UUID = Field(description="lineage_id of the ConfigEntity.")
     policy_model_id: UUID = Field(description="lineage_id of the policy ModelEntity.")
-    reference_model_id: UUID | None = None
+    reference_model_id: UUID | None = Field(None, description="lineage_id of the frozen KL reference (beta > 0).")
+    dataset_id: UUID | None = Field(None, description="lineage_id of the DatasetEntity trained on.")
     step: int = Field(0, ge=0)
     total_steps: int = Field(gt=0)
     status: RunStatus = "pending"
@@ -153,6 +155,7 @@ class ByzantineDetectorEntity(Entity):
     z_threshold: float = Field(gt=0)
     quarantine_after: int = Field(ge=1, description="Flags within the reputation window before quarantine.")
     run_id: UUID | None = Field(None, description="lineage_id of the TrainingRunEntity.")
+    byzantine_ranks: list[int] = Field(default_factory=list, description="Ranks held Byzantine (quarantined) now.")
 
     @model_validator(mode="after")
     def _f_bound(self) -> "ByzantineDetectorEntity":

@@ -107,6 +107,9 @@ class EntityRegistry:
         busy_timeout_s: how long a write waits for another process's transaction.
         write_behind: version writes in memory and persist them in batches (see module doc).
         flush_interval_s: longest delay of a write-behind write.
+        on_write: called with every version this instance writes and its stored JSON, after
+            the write succeeded (in memory for write-behind), under the registry's lock: keep
+            it cheap (e.g. append to a list). An exception it raises reaches the writer.
     """
 
     def __init__(
@@ -119,7 +122,9 @@ class EntityRegistry:
         busy_timeout_s: float = 30.0,
         write_behind: bool = False,
         flush_interval_s: float = 0.05,
+        on_write: Callable[[Entity, str], None] | None = None,
     ) -> None:
+        self._on_write = on_write
         self.path = Path(path) if path is not None else None
         self._conn = sqlite3.connect(
             ":memory:" if path is None else str(path),
@@ -237,18 +242,21 @@ class EntityRegistry:
                     ):
                         raise EntityExists(f"entity already registered: {entity.ecs_id}")
                     seen.update(ids)
+                rows = [self._row(e) for e in entities]
                 self._pending_lineages.extend((e.lineage_id.bytes, e.type_name()) for e in entities)
-                self._pending_rows.extend(self._row(e) for e in entities)
+                self._pending_rows.extend(rows)
             else:
+                rows = [self._row(e) for e in entities]
                 try:
                     with self._transaction():
                         new_lineages = [(e.lineage_id.bytes, e.type_name()) for e in entities]
                         self._conn.executemany("INSERT INTO lineages VALUES (?, ?)", new_lineages)
-                        self._conn.executemany("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", map(self._row, entities))
+                        self._conn.executemany("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", rows)
                 except sqlite3.IntegrityError as exc:
                     raise EntityExists(f"entity already registered: {exc}") from exc
-            for entity in entities:
+            for entity, row in zip(entities, rows):
                 self._cache(entity, head=True)
+                self._written(entity, row)
         return entities
 
     def commit(self, entity: E, *, occ: bool = True) -> E:
@@ -266,7 +274,8 @@ class EntityRegistry:
                 head = self.get(lineage)
                 self._check_head(entity, head.ecs_id, head.version, head.type_name(), occ)
                 new = entity.next_version(head.ecs_id, head.version)
-                self._pending_rows.append(self._row(new))
+                stored = self._row(new)
+                self._pending_rows.append(stored)
             else:
                 try:
                     with self._transaction():
@@ -280,12 +289,18 @@ class EntityRegistry:
                         head_id = UUID(bytes=row[0])
                         self._check_head(entity, head_id, row[1], row[2], occ)
                         new = entity.next_version(head_id, row[1])
-                        self._conn.execute("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", self._row(new))
+                        stored = self._row(new)
+                        self._conn.execute("INSERT INTO entities VALUES (?, ?, ?, ?, ?)", stored)
                 except VersionConflict:
                     self._load(lineage)
                     raise
             self._cache(new, head=True)
+            self._written(new, stored)
         return new
+
+    def _written(self, entity: Entity, row: tuple[bytes, int, bytes, str, str]) -> None:
+        if self._on_write is not None:
+            self._on_write(entity, row[4])
 
     @staticmethod
     def _check_head(entity: Entity, head_id: UUID, head_version: int, head_type: str, occ: bool) -> None:

@@ -53,6 +53,7 @@ _LINK_FIELDS: dict[type[Entity], tuple[tuple[str, EdgeType, bool], ...]] = {
         ("config_id", EdgeType.REFERENCE, False),
         ("policy_model_id", EdgeType.REFERENCE, False),
         ("reference_model_id", EdgeType.REFERENCE, False),
+        ("dataset_id", EdgeType.REFERENCE, False),
     ),
     AIPipelineEntity: (("stage_ids", EdgeType.HIERARCHICAL, False),),
     TrainingStageEntity: (("depends_on", EdgeType.DEPENDENCY, False),),
@@ -275,3 +276,40 @@ def resolve_stages(stages: Iterable[S]) -> list[S]:
     by_id = {s.lineage_id: s for s in stages}
     order = topological_order({k: s.depends_on for k, s in by_id.items()})
     return [by_id[k] for k in order]
+
+
+def build_model_lineage_tree(lineage: ModelLineageEntity, checkpoints: Iterable[ModelCheckpointEntity]) -> EntityTree:
+    """The tree of one model's checkpoint chain: the lineage entity owns (HIERARCHICAL) every
+    checkpoint it lists and references its model; each checkpoint is the LINEAGE child of its
+    parent checkpoint. Nodes are ``lineage_id`` values.
+
+    ``checkpoints`` must hold every checkpoint ``lineage.checkpoint_ids`` names (others are
+    ignored); the model itself need not be given. Raises :class:`MissingDependencyError`
+    naming the checkpoints that are missing.
+    """
+    by_id = {c.lineage_id: c for c in checkpoints if c.lineage_id in set(lineage.checkpoint_ids)}
+    missing = [c for c in lineage.checkpoint_ids if c not in by_id]
+    if missing:
+        raise MissingDependencyError({lineage.lineage_id: missing})
+    tree = EntityTree()
+    tree.add_node(lineage.lineage_id)
+    tree.add_node(lineage.root_model_id)
+    tree.add_edge(lineage.lineage_id, lineage.root_model_id, EdgeType.REFERENCE)
+    for ck_id in lineage.checkpoint_ids:
+        tree.add_child(lineage.lineage_id, ck_id)
+    for ck in by_id.values():
+        if ck.parent_checkpoint_id in by_id:
+            tree.add_edge(ck.parent_checkpoint_id, ck.lineage_id, EdgeType.LINEAGE)
+    return tree
+
+
+def build_ai_training_pipeline(pipeline: AIPipelineEntity, stages: Iterable[TrainingStageEntity]) -> EntityTree:
+    """The tree of a pipeline: HIERARCHICAL edges to the stages it lists, DEPENDENCY edges
+    between them; ``tree.dependency_order(pipeline.stage_ids)`` is their run order.
+
+    Raises :class:`MissingDependencyError` when a listed stage, or a stage a stage depends on,
+    is not among ``stages``, and :class:`DependencyCycleError` when the dependencies loop.
+    """
+    tree = EntityTree.from_entities([pipeline, *stages])
+    tree.dependency_order(pipeline.stage_ids)
+    return tree
