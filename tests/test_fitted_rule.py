@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedgspo.robust.aggregators import build_aggregator
 from fedgspo.robust.config import AggregationConfig
 
 RULES = ["median", "trimmed_mean", "krum", "geometric_median", "centered_clipping", "mean"]
@@ -21,11 +22,18 @@ def test_fitted_rule_aggregates_the_usable_and_keeps_the_bound(rule, n, data):
     fitted = cfg.fitted(agg, rule, usable)
     if fitted is not agg:
         assert fitted.f >= agg.f - left_out
-        if fitted.f > 0 or rule != "krum":
-            fitted.check(usable)  # the fitted rule can run on those left (Krum needs 3 even at f = 0)
+        fitted.check(usable)  # the fitted rule can run on those left
         assert fitted.f < agg.f
-    else:
-        agg.check(usable)
+    elif not fits(agg, usable):  # nothing fits (Krum needs 3 rows even at f = 0)
+        assert not any(fits(build_aggregator(rule, f), usable) for f in range(agg.f))
+
+
+def fits(agg, rows: int) -> bool:
+    try:
+        agg.check(rows)
+    except ValueError:
+        return False
+    return True
 
 
 def test_three_sites_one_quarantined_fall_back_to_no_tolerance():

@@ -69,12 +69,18 @@ class AggregationConfig(BaseModel):
         ``2(f - q) < n - q``), so the bound still holds while those left out are Byzantine; a
         run whose quarantine removed honest participants tolerates fewer attackers until they
         are released. Without this a quarantine that leaves too few participants for ``f``
-        fails every step's consensus. A fitted rule is built per call (no state across calls)."""
+        fails every step's consensus. A fitted rule is built per call (no state across calls);
+        when no ``f`` fits (Krum among two) ``agg`` is returned and the call fails."""
         try:
             agg.check(usable)
             return agg
         except ValueError:
-            return self._make(rule, min(agg.f, tolerated_f(rule, "auto", usable, pre=self.pre)))
+            fitted = self._make(rule, min(agg.f, tolerated_f(rule, "auto", usable, pre=self.pre)))
+        try:
+            fitted.check(usable)
+            return fitted
+        except ValueError:
+            return agg
 
     def all_reduce_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`fedgspo.robust_all_reduce` besides the rule (add
