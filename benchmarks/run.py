@@ -52,6 +52,7 @@ class Bench:
 BENCHMARKS: dict[str, Bench] = {
     "gspo_overhead": Bench("gspo_overhead.py", nprocs=(1, 2)),
     "profile_step": Bench("profile_step.py", nprocs=(1, 2)),
+    "generation": Bench("generation.py"),
     "vs_trl": Bench("vs_trl.py", trl=True, cheap=False),
     "vs_trl_parity": Bench("vs_trl.py", args=["--parity"], trl=True, cheap=False),
     "aggregation": Bench("aggregation.py", nprocs=(4,), quick=["--sizes", "100000", "--reps", "3"]),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedgspo.federation.config import FederatedConfig
 from fedgspo.robust.config import AggregationConfig
@@ -88,11 +88,18 @@ class RolloutConfig(_Section):
                             "path) or 'auto': on when the run's expected decode steps (rollouts x generation chunks "
                             "x (max_completion_length - 1)) reach auto_min_decode_steps and the model allows it.")
     min_bucket: int = Field(
-        32, gt=0, description="Shortest static cache; prompt + completion lengths round up to a power of two "
-                              "at least this, so prompts of different lengths share one compiled shape.")
+        32, gt=0, description="Shortest static cache: prompts are left-padded to a power of two (at least 8) "
+                              "and the cache holds a power of two at least this, so that prompts of different "
+                              "lengths share one compiled shape.")
     auto_min_decode_steps: int = Field(
         10_000, gt=0, description="Expected decode steps from which compile='auto' compiles (compiling costs "
-                                  "seconds once and saves ~1-3 ms per decode step on a CPU at small sizes).")
+                                  "5-35 s once per shape on a small CPU and saves ~1.5-10 ms per decode step).")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads ``on``/``off`` (as in ``rollout.compile=on``) as booleans."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class TrainConfig(_Section):
@@ -108,8 +115,8 @@ class TrainConfig(_Section):
     micro_batch_size: int | None = Field(
         None, gt=0, description="Sequences per forward/backward (gradient accumulation); default: the whole rollout.")
     compile: bool = Field(
-        False, description="Compile the loss forward/backward (torch.compile, static shapes: prompts left-padded "
-                           "to rollout.min_bucket length buckets); same gradients as eager up to float rounding.")
+        False, description="Compile the loss forward/backward (torch.compile with symbolic shapes); the same "
+                           "gradients as eager up to float rounding.")
 
 
 class EvalConfig(_Section):

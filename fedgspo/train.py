@@ -62,7 +62,15 @@ from fedgspo.federation.federation import Federation
 from fedgspo.federation.sites import SiteError, SiteLayout
 from fedgspo.gspo.data import Task
 from fedgspo.gspo.loss import GSPOStats, backward_in_micro_batches, group_advantages
-from fedgspo.gspo.model import ModelError, autocast, build_model, load_policy, trainable_numel, weights_sha256
+from fedgspo.gspo.model import (
+    ModelError,
+    autocast,
+    build_model,
+    compile_forward,
+    load_policy,
+    trainable_numel,
+    weights_sha256,
+)
 from fedgspo.gspo.rollout import Rollout, completion_logps, generate
 from fedgspo.gspo.task import PromptBatch
 from fedgspo.integrity.audit import (
@@ -149,6 +157,10 @@ class Trainer:
         self.model = build_policy(cfg, self.task).to(ctx.device)
         broadcast_parameters(self.model)
         self.model.train()
+        # The loss forward, compiled with train.compile (shares the policy's parameters).
+        self.loss_forward = compile_forward(self.model) if cfg.train.compile else self.model
+        # Rollouts this run expects: what rollout.compile="auto" weighs against compiling.
+        self.expected_rollouts = -(-cfg.train.max_steps // gspo.num_iterations)
         # Only trainable parameters (LoRA: the adapters) are in the buffer the ranks exchange.
         self.grads = FlatGradients(list(self.model.parameters()))
         # Sites: a plain mean inside each, the robust exchange between them (one participant
@@ -215,7 +227,8 @@ class Trainer:
         """Sample this rank's prompts, generate a group per prompt, score, normalise."""
         gspo, rank = self.cfg.gspo, self.ctx.rank
         prompts = self.task.sample(rank, rollout_index)
-        rollout = self.generate(prompts, gspo.num_generations, sampler=self.sampler)
+        rollout = self.generate(prompts, gspo.num_generations, sampler=self.sampler,
+                                expected_calls=self.expected_rollouts)
         with self.tracer.span("reward"):
             rewards, parts = self.score(prompts, rollout, gspo.num_generations)
         rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.ctx.device)
@@ -225,9 +238,10 @@ class Trainer:
         return RolloutBatch(rollout, advantages, rewards_t, parts, rollout_index, self.reference_logps(rollout))
 
     def generate(self, prompts: PromptBatch, num_generations: int, *, sampler: torch.Generator | None,
-                 greedy: bool = False) -> Rollout:
+                 greedy: bool = False, expected_calls: int = 1) -> Rollout:
         """``num_generations`` completions per prompt with the run's sampling settings (top-k 1
-        when ``greedy``)."""
+        when ``greedy``); ``expected_calls`` of the kind in this run decide whether
+        ``rollout.compile=auto`` compiles the decode step."""
         gspo = self.cfg.gspo
         with autocast(self.cfg.model, self.ctx.device):
             return generate(
@@ -235,7 +249,9 @@ class Trainer:
                 num_generations=num_generations, max_new_tokens=gspo.max_completion_length,
                 temperature=gspo.temperature, eos_id=self.task.eos_id, pad_id=self.task.pad_id, generator=sampler,
                 top_k=1 if greedy else gspo.top_k, top_p=gspo.top_p, repetition_penalty=gspo.repetition_penalty,
-                stop_strings=gspo.stop_strings, tokenizer=self.tokenizer, max_batch=gspo.generation_batch_size)
+                stop_strings=gspo.stop_strings, tokenizer=self.tokenizer, max_batch=gspo.generation_batch_size,
+                compile=self.cfg.rollout.compile, expected_calls=expected_calls,
+                min_bucket=self.cfg.rollout.min_bucket, min_decode_steps=self.cfg.rollout.auto_min_decode_steps)
 
     def score(self, prompts: PromptBatch, rollout: Rollout, repeat: int
               ) -> tuple[list[float], dict[str, tuple[float, int]]]:
@@ -260,7 +276,7 @@ class Trainer:
 
         def logps_of(rows: slice) -> torch.Tensor:
             with autocast(self.cfg.model, self.ctx.device):
-                logps, states = completion_logps(self.model, rollout.rows(rows), gspo.temperature, hidden=prove)
+                logps, states = completion_logps(self.loss_forward, rollout.rows(rows), gspo.temperature, hidden=prove)
             if prove:
                 hidden.append(states)
             return logps.float()
@@ -514,7 +530,8 @@ class Trainer:
         sums: dict[str, tuple[float, int]] = {}
         reward_sum = length_sum = count = 0.0
         for prompts in self.task.eval_batches(self.cfg.eval.num_prompts):
-            rollout = self.generate(prompts, 1, sampler=self.sampler, greedy=self.cfg.eval.greedy)
+            rollout = self.generate(prompts, 1, sampler=self.sampler, greedy=self.cfg.eval.greedy,
+                                    expected_calls=self.cfg.train.max_steps // max(self.cfg.eval.every, 1))
             rewards, parts = self.score(prompts, rollout, 1)
             reward_sum, count = reward_sum + sum(rewards), count + len(rewards)
             length_sum += float(rollout.completion_mask.sum())

@@ -9,6 +9,11 @@ Sampling options follow transformers' logits processors (repetition penalty, the
 temperature, top-k, top-p). They change only which tokens are drawn: the recorded log-probs
 are always those of the temperature-scaled full softmax, the distribution the loss
 evaluates, as in TRL and vLLM-backed trainers.
+
+Two decode paths share that loop: the eager one over a growing dynamic cache (the reference,
+``compile="off"``) and a compiled prefill and one-token step over static caches padded to
+length buckets (:mod:`fedgspo.gspo.static_decode`), chosen per call by ``generate(compile=...)``.
+The sampling itself runs eagerly on both, with the same random draws.
 """
 
 from __future__ import annotations
@@ -21,6 +26,17 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from fedgspo.gspo.static_decode import (
+    MIN_DECODE_STEPS,
+    CompileMode,
+    StaticDecoder,
+    StaticShape,
+    decoder_for,
+    mask_positions,
+    static_shape,
+    use_compiled,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -56,26 +72,30 @@ def _cache_keyword(model_cls: type) -> str:
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 class KVDecoder:
     """The KV-cached decoding path shared by generation and rollout proofs.
 
     Construction prefills the left-padded prompts once and shares each prompt's cache by
     ``repeats`` consecutive rows; :attr:`logits` then holds the ``(B, V)`` next-token logits
-    and :meth:`step` feeds one token per row. Call under ``torch.no_grad()`` with the model in
-    eval mode.
+    and :meth:`step` feeds one token per row. With ``static`` the prefill and steps run
+    compiled over static caches of those bucketed lengths
+    (:mod:`fedgspo.gspo.static_decode`; the padded prompt plus every fed token must fit),
+    else eagerly over a growing dynamic cache, the reference path. Call under
+    ``torch.no_grad()`` with the model in eval mode.
     """
 
     def __init__(self, model: "PreTrainedModel", prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 *, repeats: int = 1) -> None:
+                 *, repeats: int = 1, static: StaticShape | None = None) -> None:
         self.model = model
         # A peft wrapper forwards **kwargs: ask the transformers model underneath.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.cache_kw = _cache_keyword(type(base))
-        positions = _positions(prompt_mask)
+        self.static: StaticDecoder | None = None
+        if static is not None:
+            self.static = decoder_for(model, self.cache_kw, prompt_ids.shape[0], repeats, static, prompt_ids.device)
+            self.logits, self.positions = self.static.prefill(prompt_ids, prompt_mask)
+            return
+        positions = mask_positions(prompt_mask)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
         self.cache = getattr(out, self.cache_kw)
@@ -87,8 +107,13 @@ class KVDecoder:
     def step(self, token: torch.Tensor, attention_mask: torch.Tensor, *, hidden: bool = False) -> torch.Tensor | None:
         """Feed ``token`` ``(B,)``; ``attention_mask`` covers the sequence up to and including it.
         Updates :attr:`logits`; returns the ``(B, H)`` float32 last-layer state at ``token`` when
-        ``hidden``, else ``None``."""
+        ``hidden``, else ``None``. Raises ``ValueError`` for ``hidden`` on the static path."""
         self.positions = self.positions + 1
+        if self.static is not None:
+            if hidden:
+                raise ValueError("the static decode path returns no hidden states")
+            self.logits = self.static.step(token, attention_mask[:, -1], self.positions)
+            return None
         out = self.model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=self.positions,
                          use_cache=True, output_hidden_states=hidden, **{self.cache_kw: self.cache})
         self.cache, self.logits = getattr(out, self.cache_kw), out.logits[:, -1]
@@ -210,6 +235,10 @@ def generate(
     stop_strings: Sequence[str] = (),
     tokenizer: TextDecoder | None = None,
     max_batch: int | None = None,
+    compile: CompileMode = "auto",
+    expected_calls: int = 1,
+    min_bucket: int = 32,
+    min_decode_steps: int = MIN_DECODE_STEPS,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each left-padded prompt.
 
@@ -223,9 +252,18 @@ def generate(
     many rows (one prefill per piece) and concatenated in the same layout; the completion width
     is always ``max_new_tokens``. At the defaults the sampling is the plain multinomial draw.
 
+    ``compile`` picks the decode path (:func:`fedgspo.gspo.static_decode.use_compiled`):
+    ``"off"`` is the eager reference; ``"on"`` prefills and decodes compiled over static caches
+    of ``static_shape(prompt length, max_new_tokens, min_bucket)``; ``"auto"`` does so
+    when ``expected_calls`` such calls (the caller's estimate for the run) make at least
+    ``min_decode_steps`` decode steps. Both paths draw the same random numbers from
+    ``generator`` in the same order, so on the same seed they sample the same tokens unless
+    floating-point rounding moves a draw across a token boundary, and record the same
+    log-probs up to rounding.
+
     The model is put in eval mode for the call and restored afterwards. Raises ``ValueError``
     on a non-positive temperature, top-k, top-p out of range, a non-positive penalty or
-    ``max_batch``, or stop strings without a tokenizer.
+    ``max_batch``, or stop strings without a tokenizer, and as ``use_compiled`` for ``compile``.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -236,12 +274,17 @@ def generate(
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     stop = StopCondition(eos_id, stop_strings, tokenizer)
     options = _Sampling(temperature, top_k, top_p, repetition_penalty)
+    chunks = _chunks(prompt_ids.shape[0], num_generations, max_batch)
+    compiled = use_compiled(compile, model, decode_steps=expected_calls * len(chunks) * (max_new_tokens - 1),
+                            min_decode_steps=min_decode_steps)
+    static = static_shape(prompt_ids.shape[1], max_new_tokens, min_bucket) if compiled else None
     was_training = model.training
     model.eval()
     try:
         parts = [_generate_rows(model, prompt_ids[rows], prompt_mask[rows], repeats, max_new_tokens=max_new_tokens,
-                                sampling=options, stop=stop, pad_id=pad_id, generator=generator)
-                 for rows, repeats in _chunks(prompt_ids.shape[0], num_generations, max_batch)]
+                                sampling=options, stop=stop, pad_id=pad_id, generator=generator,
+                                static=static)
+                 for rows, repeats in chunks]
     finally:
         model.train(was_training)
     completion, logps, mask = (torch.cat(t) for t in zip(*parts))
@@ -270,11 +313,13 @@ class _Sampling:
 
 def _generate_rows(model: "PreTrainedModel", prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int, *,
                    max_new_tokens: int, sampling: _Sampling, stop: StopCondition, pad_id: int,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Completion ids, log-probs and full attention mask of ``repeats`` completions per prompt."""
+                   generator: torch.Generator | None, static: StaticShape | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Completion ids, log-probs and full attention mask of ``repeats`` completions per prompt
+    (compiled over static caches of the ``static`` lengths when given)."""
     device = prompt_ids.device
     prompt_len = prompt_ids.shape[1]
-    decoder = KVDecoder(model, prompt_ids, prompt_mask, repeats=repeats)
+    decoder = KVDecoder(model, prompt_ids, prompt_mask, repeats=repeats, static=static)
     batch = decoder.logits.shape[0]
     # The attention mask of the whole sequence, filled in as tokens are sampled.
     mask = torch.zeros((batch, prompt_len + max_new_tokens), dtype=prompt_mask.dtype, device=device)
@@ -326,7 +371,7 @@ def completion_logps(model: "PreTrainedModel", rollout: Rollout, temperature: fl
     only."""
     mask = rollout.attention_mask
     start, width = rollout.prompt_length - 1, rollout.completion_ids.shape[1]
-    out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask),
+    out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=mask_positions(mask),
                 use_cache=False, output_hidden_states=hidden, logits_to_keep=width + 1)
     logits = out.logits[:, :width].float() / temperature
     logps = selective_log_softmax(logits, rollout.completion_ids)
