@@ -24,8 +24,9 @@ class FederatedConfig(BaseModel):
         1, ge=1, description="Inner steps per round (H). 1: gradients are aggregated across sites every step; "
         "H > 1: each site trains H steps with its own optimizer, then pseudo-gradients are aggregated.")
     outer_optimizer: Literal["nesterov", "average"] = Field(
-        "nesterov", description="How the aggregated pseudo-gradient is applied (local_steps > 1): Nesterov SGD "
-        "(DiLoCo) or plain averaging (lr 1, no momentum).")
+        "average", description="How the aggregated pseudo-gradient is applied (local_steps > 1): plain averaging "
+        "(lr 1, no momentum) or Nesterov SGD (DiLoCo: lr 0.7, momentum 0.9, made for hundreds of local steps; "
+        "at H = 4-16 it trained worse here, benchmarks/federated.py).")
     outer_lr: float | None = Field(None, gt=0, description="Outer learning rate; default 0.7 (nesterov) or 1.0.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer Nesterov momentum.")
     compression: Literal[CODECS] = Field(  # type: ignore[valid-type]
