@@ -136,8 +136,9 @@ def test_int8_is_refused_in_the_audited_exchange():
 
 # -- the outer optimizer -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [FederatedConfig(local_steps=4), FederatedConfig(local_steps=4, outer_lr=0.3),
-                                 FederatedConfig(local_steps=4, outer_optimizer="average")])
+@pytest.mark.parametrize("cfg", [FederatedConfig(local_steps=4, outer_optimizer="nesterov"),
+                                 FederatedConfig(local_steps=4, outer_optimizer="nesterov", outer_lr=0.3),
+                                 FederatedConfig(local_steps=4)])
 def test_outer_step_matches_torch_sgd(cfg):
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
