@@ -1,8 +1,9 @@
 """Where a default fedgspo step spends its time: rollout, loss, backward, aggregation,
 optimizer, bookkeeping.
 
-Runs ``fedgspo.train`` on the default configuration (everything on) with the trainer's own
-methods wrapped by timers, so the phases are the real code paths, not a re-implementation:
+Runs ``fedgspo.train`` on the default configuration (everything on; dotted overrides change
+it, e.g. ``rollout.compile=on train.compile=true``) with the trainer's own methods wrapped by
+timers, so the phases are the real code paths, not a re-implementation:
 
 * ``generate``: KV-cached sampling (``fedgspo.gspo.rollout.generate``);
 * ``rewards``: decoding, reward functions, advantages (the rest of ``Trainer.collect``);
@@ -17,7 +18,7 @@ methods wrapped by timers, so the phases are the real code paths, not a re-imple
 Prints the mean ms per step of each phase and its share of the step, and optionally the top
 torch operators (``--torch-ops``)::
 
-    python benchmarks/profile_step.py [--steps 60] [--torch-ops 15]
+    python benchmarks/profile_step.py [--steps 60] [--torch-ops 15] [--threads 1] [key=value ...]
     torchrun --standalone --nproc_per_node=2 benchmarks/profile_step.py
 """
 
@@ -137,13 +138,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", type=int, default=4, help="warm-up steps left out")
     parser.add_argument("--torch-ops", type=int, default=0, help="also print the top N torch operators")
     parser.add_argument("--quick", action="store_true", help="20 steps")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: 1 with several processes, else 2)")
     parser.add_argument("overrides", nargs="*", help="config overrides (default: the embedded default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     steps = 20 if args.quick else args.steps
 
     ctx = init_distributed("cpu")
-    torch.set_num_threads(1 if ctx.world_size > 1 else 2)
+    torch.set_num_threads(args.threads or (1 if ctx.world_size > 1 else 2))
     overrides = [f"train.max_steps={steps}", "run.progress_bar=false", "run.log_every=1000000", *args.overrides]
     root = Path(broadcast_json(tempfile.mkdtemp(prefix="fedgspo-profile-") if ctx.is_main else None))
     timer = PhaseTimer()
@@ -157,13 +160,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = summarise(timer.steps, args.skip)
     rows = [[p, v["mean_ms"], f"{100 * v['share']:.1f} %"] for p, v in result.items()]
-    print(f"\nphases of a default step, {ctx.world_size} process(es), {steps} steps "
+    print(f"\nphases of a step ({'overrides: ' + ' '.join(args.overrides) if args.overrides else 'default config'}), "
+          f"{ctx.world_size} process(es) x {torch.get_num_threads()} thread(s), {steps} steps "
           f"(first {args.skip} left out)\n")
     print(markdown_table(["phase", "ms/step", "share"], rows))
     if table:
         print("\n" + table)
     out = args.out or RESULTS / f"profile_step_{ctx.world_size}p.json"
-    write_json(out, {"world_size": ctx.world_size, "steps": steps, "skip": args.skip, "overrides": overrides,
+    write_json(out, {"world_size": ctx.world_size, "threads": torch.get_num_threads(), "steps": steps,
+                     "skip": args.skip, "overrides": overrides,
                      "phases": result, "per_step_s": timer.steps})
     print(f"\nwrote {out}")
 

@@ -38,12 +38,24 @@ both reward curves (per-step means, in the JSON), the mean reward per 100-step w
 final reward (mean of the last 50 steps) of fedgspo minus TRL's, and each side's wall time.
 ``--parity --quick``: 60 steps, seed 0.
 
+``--anchor`` measures issue #17's configuration instead, on 1 process with 1 torch thread per
+side: a random-init Qwen2-style model (hidden 128, 4 layers), 6-digit reversal, 4 prompts x 8
+completions of 8 tokens, ``num_iterations=1``, ``proof.rate=0``. fedgspo runs in three
+variants (:data:`ANCHOR_VARIANTS`): ``eager`` (``rollout.compile=off train.compile=false``),
+``compiled`` (``rollout.compile=on train.compile=true``) and ``defaults`` (the configuration's
+own ``gspo.num_iterations``, ``proof.rate`` and compile settings; TRL then runs with the same
+``num_iterations``). Every variant and its TRL run are launched fresh, interleaved, the order
+rotated per repeat. The figure is TRL's time per optimizer step divided by fedgspo's in the
+same repeat, each side's mean step after ``--warmup`` steps (which hold compilation; the
+ratio over all steps is reported too), as median with min and max over repeats.
+
 Needs TRL (the ``bench-trl`` extra), best in its own venv::
 
     python3 -m venv /work/venv-trl && /work/venv-trl/bin/pip install torch==2.13.0 && \\
         /work/venv-trl/bin/pip install -e ".[bench-trl]"
     /work/venv-trl/bin/python benchmarks/vs_trl.py [--steps 30] [--repeats 3] [--quick]
     /work/venv-trl/bin/python benchmarks/vs_trl.py --parity [--parity-steps 600] [--seeds 0 1 2] [--quick]
+    /work/venv-trl/bin/python benchmarks/vs_trl.py --anchor [--steps 30] [--warmup 4] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -90,6 +102,19 @@ PARITY_SETTINGS = SETTINGS + ["gspo.max_completion_length=4", f"task.reward_func
 PARITY_ROWS = 512  # 25 distinct prompts "what is a + b", a, b < 5; answer: the sum
 PARITY_MODEL = {"hidden": 64, "layers": 2, "seed": 0}  # 133k parameters
 WINDOW, FINAL = 100, 50  # table window and final-reward window, in steps
+# --anchor: issue #17's configuration (shared by both sides), then per fedgspo variant its own
+# overrides; TRL follows the variant's gspo.num_iterations.
+ANCHOR_SETTINGS = SETTINGS + [
+    "model.arch=qwen2", "model.hidden_size=128", "model.intermediate_size=512", "model.num_layers=4",
+    "model.num_heads=4", "task.name=reverse", "task.min_digits=6", "task.max_digits=6", "task.prompts_per_rank=4",
+    "gspo.max_completion_length=8", "proof.rate=0"]
+ANCHOR_VARIANTS: dict[str, list[str]] = {
+    "eager": ["rollout.compile=off", "train.compile=false"],
+    "compiled": ["rollout.compile=on", "train.compile=true"],
+    "defaults": [f"gspo.num_iterations={Config().gspo.num_iterations}", f"proof.rate={Config().proof.rate}",
+                 f"rollout.compile={Config().rollout.compile}", f"train.compile={Config().train.compile}"],
+}
+ANCHOR_TARGET = 1.5  # issue #17: TRL / fedgspo time per optimizer step
 
 
 def shared_config(steps: int, extra: list[str] | None = None) -> Config:
@@ -189,8 +214,9 @@ def train_step_times(times: list[float]) -> Iterator[None]:
 
 
 def set_threads(world_size: int) -> None:
-    """One thread per process when several share the CPU, else two (as fedgspo.train)."""
-    torch.set_num_threads(1 if world_size > 1 else 2)
+    """``$FEDGSPO_BENCH_THREADS`` threads when set (``--anchor``: 1), else one thread per process
+    when several share the CPU and two for one (as fedgspo.train)."""
+    torch.set_num_threads(int(os.environ.get("FEDGSPO_BENCH_THREADS") or (1 if world_size > 1 else 2)))
 
 
 def timed_train(trainer: Any) -> tuple[float, "StepTimes"] | None:
@@ -217,7 +243,7 @@ def worker_trl(cfg: Config) -> dict[str, float] | None:
         batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * world
         lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
         return {"seconds": seconds, "loop_seconds": sum(steps.times), "steps": len(lengths),
-                "tokens": sum(lengths) * batch}
+                "tokens": sum(lengths) * batch, "step_times": steps.times}
 
 
 def train_fedgspo(cfg: Config) -> tuple[float, list[float], list[dict[str, Any]], int] | None:
@@ -250,16 +276,20 @@ def worker_fedgspo(cfg: Config) -> dict[str, float] | None:
     batch = cfg.task.prompts_per_rank * cfg.gspo.num_generations * world_size
     lengths = [r["completion_len"] for r in records]
     return {"seconds": seconds, "loop_seconds": sum(times), "steps": len(lengths),
-            "tokens": sum(lengths) * batch}
+            "tokens": sum(lengths) * batch, "step_times": times}
 
 
-def launch(side: str, nproc: int, steps: int) -> dict[str, float]:
-    """Run one side in fresh processes (torchrun for ``nproc > 1``) and read its figures."""
+def launch(side: str, nproc: int, steps: int, variant: str | None = None) -> dict[str, Any]:
+    """Run one side in fresh processes (torchrun for ``nproc > 1``) and read its figures;
+    ``variant`` names an ``--anchor`` variant (1 torch thread). Raises ``RuntimeError`` with
+    the end of stderr when the run fails."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         script = [str(Path(__file__).resolve()), "worker", side, "--steps", str(steps), "--result", out.name]
+        script += ["--variant", variant] if variant else []
         prefix = [sys.executable] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        proc = subprocess.run(prefix + script, capture_output=True, text=True)
+        env = {**os.environ, "FEDGSPO_BENCH_THREADS": "1"} if variant else None
+        proc = subprocess.run(prefix + script, capture_output=True, text=True, env=env)
         if proc.returncode:
             raise RuntimeError(f"{side} on {nproc} process(es) failed:\n{proc.stderr[-4000:]}")
         return json.loads(Path(out.name).read_text())
@@ -491,6 +521,63 @@ def table(samples: dict[int, dict[str, list[dict[str, float]]]]) -> tuple[list[l
     return rows, result
 
 
+def anchor_config(steps: int, variant: str) -> Config:
+    """The ``--anchor`` configuration of fedgspo's ``variant`` (TRL's is derived from it)."""
+    return load_config(None, ANCHOR_SETTINGS + ANCHOR_VARIANTS[variant] + [f"train.max_steps={steps}"])
+
+
+def steady_step(run: dict[str, Any], warmup: int) -> float:
+    """Mean seconds per optimizer step after the first ``warmup`` steps (all steps when the
+    run is not longer than that)."""
+    times = run["step_times"][warmup:] or run["step_times"]
+    return statistics.fmean(times)
+
+
+def main_anchor(args: argparse.Namespace) -> None:
+    """Run the ``--anchor`` comparison (1 process) and write its JSON."""
+    import trl
+
+    steps, repeats = (8, 2) if args.quick else (args.steps, args.repeats)
+    warmup = min(args.warmup, steps - 1)
+    # One TRL run per distinct num_iterations, shared by the variants that use it.
+    trl_of = {v: f"trl-n{anchor_config(1, v).gspo.num_iterations}" for v in ANCHOR_VARIANTS}
+    jobs = [("fedgspo", v, v) for v in ANCHOR_VARIANTS] + [("trl", v, t) for t, v in
+                                                            {t: v for v, t in trl_of.items()}.items()]
+    samples: dict[str, list[dict[str, Any]]] = {key: [] for _, _, key in jobs}
+    loads: list[float] = []
+    for rep in range(repeats):
+        for side, variant, key in jobs[rep % len(jobs):] + jobs[:rep % len(jobs)]:
+            loads.append(os.getloadavg()[0])
+            samples[key].append(launch(side, 1, steps, variant))
+            print(f"repeat {rep}, {key}: {steady_step(samples[key][-1], warmup) * 1e3:.1f} ms/step, "
+                  f"load {loads[-1]:.1f}", flush=True)
+    result, rows = {}, []
+    for variant in ANCHOR_VARIANTS:
+        ours, theirs = samples[variant], samples[trl_of[variant]]
+        steady = [steady_step(t, warmup) / steady_step(f, warmup) for f, t in zip(ours, theirs)]
+        whole = [steady_step(t, 0) / steady_step(f, 0) for f, t in zip(ours, theirs)]
+        result[variant] = {"fedgspo_ms": [steady_step(f, warmup) * 1e3 for f in ours],
+                           "trl_ms": [steady_step(t, warmup) * 1e3 for t in theirs],
+                           "trl_over_fedgspo": steady, "trl_over_fedgspo_with_warmup": whole}
+        rows.append([variant, " ".join(ANCHOR_VARIANTS[variant]), statistics.median(result[variant]["fedgspo_ms"]),
+                     statistics.median(result[variant]["trl_ms"]),
+                     f"{statistics.median(steady):.2f} ({min(steady):.2f}-{max(steady):.2f})",
+                     f"{statistics.median(whole):.2f} ({min(whole):.2f}-{max(whole):.2f})"])
+    print(f"\nanchor configuration, fedgspo vs TRL {trl.__version__} GRPOTrainer (GSPO), 1 process, 1 thread, "
+          f"{steps} steps (first {warmup} left out) x {repeats} repeats; "
+          f"load average {min(loads):.1f}-{max(loads):.1f}\n")
+    print(markdown_table(["fedgspo variant", "overrides", "fedgspo ms/step", "TRL ms/step",
+                          "TRL / fedgspo per step (range)", "with warm-up steps"], rows))
+    met = {v: statistics.median(r["trl_over_fedgspo"]) >= ANCHOR_TARGET for v, r in result.items()}
+    print(f"\ntarget TRL / fedgspo >= {ANCHOR_TARGET} per step: "
+          + ", ".join(f"{v} {'met' if ok else 'missed'}" for v, ok in met.items()))
+    out = args.out or RESULTS / "vs_trl_anchor.json"
+    write_json(out, {"mode": "anchor", "trl": trl.__version__, "steps": steps, "warmup": warmup, "repeats": repeats,
+                     "settings": ANCHOR_SETTINGS, "variants": ANCHOR_VARIANTS, "load_average_1min": loads,
+                     "samples": samples, "result": result, "target": ANCHOR_TARGET, "met": met})
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -500,28 +587,36 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--result", type=Path, required=True)
     worker.add_argument("--workspace", type=Path, help="parity: folder holding model/ and data.jsonl")
     worker.add_argument("--seed", type=int, default=0)
+    worker.add_argument("--variant", choices=list(ANCHOR_VARIANTS), help="--anchor: fedgspo's variant")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nprocs", type=int, nargs="+", help="process counts (default: 1 2; --parity: 1)")
-    parser.add_argument("--quick", action="store_true", help="10 steps x 2 repeats (--parity: 60 steps, seed 0)")
+    parser.add_argument("--quick", action="store_true",
+                        help="10 steps x 2 repeats (--parity: 60 steps, seed 0; --anchor: 8 steps x 2 repeats)")
     parser.add_argument("--parity", action="store_true", help="learning parity on a local model and JSONL file")
+    parser.add_argument("--anchor", action="store_true",
+                        help="issue #17's configuration, 1 process: eager, compiled and default fedgspo vs TRL")
+    parser.add_argument("--warmup", type=int, default=4, help="--anchor: first steps left out of ms/step")
     parser.add_argument("--parity-steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", help="--parity: training seeds (default: 0 1 2)")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/vs_trl.json, --parity: "
-                                                 "results/vs_trl_parity.json)")
+                                                 "results/vs_trl_parity.json, --anchor: results/vs_trl_anchor.json)")
     args = parser.parse_args(argv)
     if args.command == "worker":
         if args.workspace is not None:
             cfg = parity_config(args.steps, args.workspace, args.seed)
             figures = (parity_trl if args.side == "trl" else parity_fedgspo)(cfg)
         else:
-            cfg = shared_config(args.steps)
+            cfg = anchor_config(args.steps, args.variant) if args.variant else shared_config(args.steps)
             figures = (worker_trl if args.side == "trl" else worker_fedgspo)(cfg)
         if figures is not None:
             args.result.write_text(json.dumps(figures))
         return
     if args.parity:
         main_parity(args)
+        return
+    if args.anchor:
+        main_anchor(args)
         return
 
     import trl

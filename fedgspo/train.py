@@ -211,6 +211,7 @@ class Trainer:
         self.batch: RolloutBatch | None = None  # the rollout the current steps train on
         self.proving = cfg.proof.rate > 0 and ctx.world_size > 1
         self.proof_failed: list[int] = []  # sites whose rollout proofs failed for the current batch
+        self.proof_schedule = cfg.proof.schedule(ctx.world_size)  # whose rollouts are checked; all ranks agree
         self.stop_requested = False
         # A scheduler's signal on any rank stops every rank after the same step (agreed in
         # summarise's all-reduce); preempted_by names it.
@@ -303,10 +304,12 @@ class Trainer:
                 return completion_logps(self.model, rollout, self.cfg.gspo.temperature)[0].float()
 
     def verify_rollouts(self, batch: RolloutBatch, hidden: torch.Tensor) -> None:
-        """Commit to this rank's rollout and check a sampled part of a neighbour's (collective).
+        """Commit to this rank's rollout and check a sampled part of a neighbour's (collective),
+        when the proof schedule selects the neighbour's rollout (``proof.adaptive_every``).
         Ranks whose proofs fail are left out of aggregation until their next rollout. The
         neighbour's prompts are checked too where this rank can draw them (the digit task);
-        a data set's shard is private to its rank."""
+        a data set's shard is private to its rank. The prefill runs through the loss forward
+        (compiled with ``train.compile``)."""
         roll, gspo = batch.rollout, self.cfg.gspo
         claim = RolloutClaim(roll.input_ids, roll.attention_mask, roll.completion_mask, roll.old_logps,
                              roll.prompt_length, build_proofs(hidden, roll.completion_mask, self.cfg.proof))
@@ -315,9 +318,10 @@ class Trainer:
             expected = lambda r: self.task.sample(r, batch.index).input_ids.repeat_interleave(  # noqa: E731
                 gspo.num_generations, dim=0)
         result = cross_verify(
-            self.model, claim, step=batch.index, cfg=self.cfg.proof, temperature=gspo.temperature,
+            self.loss_forward, claim, step=batch.index, cfg=self.cfg.proof, temperature=gspo.temperature,
             eos_id=self.task.eos_id, pad_id=self.task.pad_id, stop_strings=gspo.stop_strings,
-            tokenizer=self.tokenizer, expected_prompt_ids=expected)
+            tokenizer=self.tokenizer, expected_prompt_ids=expected, schedule=self.proof_schedule)
+        self.proof_schedule.record(result.examined, result.failed)
         self.proof_failed = sorted({self.fed.layout.site_of(r) for r in result.failed})
         for r in result.failed:
             self.recorder.audit(PROOF_FAILURE, {"subject_rank": r, "rollout": batch.index}, step=self.step, rank=r)
@@ -428,7 +432,8 @@ class Trainer:
         marks the checkpoints the save pruned."""
         if not (now or self.checkpoints.due(step)):
             return
-        extra = {"reputation": self.reputation.state_dict(), "rule": self.swapper.slots["aggregator"],
+        extra = {"reputation": self.reputation.state_dict(), "proof_schedule": self.proof_schedule.state_dict(),
+                 "rule": self.swapper.slots["aggregator"],
                  "federated": self.fed.global_state(), "site_states": self.save_site_states(step)}
         info = self.checkpoints.save(step, self.model, self.optimizer, self.scheduler, extra, {"sampler": self.sampler})
         if info is None:
@@ -462,6 +467,7 @@ class Trainer:
             return 0
         extra = resumed.extra_state
         self.reputation.load_state_dict(extra["reputation"])
+        self.proof_schedule.load_state_dict(extra.get("proof_schedule"))
         self.swapper.slots["aggregator"] = extra["rule"]
         self.aggregator = self.cfg.aggregation.build(self.fed.num_sites, rule=extra["rule"])
         try:

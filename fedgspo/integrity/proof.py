@@ -23,6 +23,12 @@ then runs the model honestly over them to build a consistent proof and log-probs
 hidden-state and log-prob checks; it is caught only when its tokens are implausible under
 the model. See SECURITY.md.
 
+How often. Each proved rollout, every rank commits its claim; a rank's rollout is then checked
+(``proof.rate`` of its rows) every time until it has ``proof.clean_before_adaptive`` clean
+checks in a row, and from then on with probability ``1 / proof.adaptive_every``, drawn from the
+hash of every committed claim, and never more than ``adaptive_every - 1`` rollouts in a row
+unchecked; a failed check returns it to every rollout (:class:`ProofSchedule`).
+
 Defaults were set from measurements of honest float32 CPU noise between KV-cached generation
 and a full prefill (max hidden-state difference ~1e-6, log-prob ~5e-7); float16 encoding adds
 at most one float16 ulp (``2**-10`` relative). Recalibrate for bf16/GPU models with
@@ -71,6 +77,17 @@ class ProofConfig(BaseModel):
     value_atol: float = Field(1e-4, ge=0, description="Absolute tolerance on a claimed value.")
     logp_atol: float = Field(1e-3, ge=0, description="Tolerance on a claimed old log-prob.")
     min_token_logprob: float = Field(-18.0, description="A token less likely than exp(this) is implausible.")
+    adaptive_every: int = Field(
+        1, ge=1, le=1024, description="k: a rank with a clean record has each rollout checked with probability "
+                                      "1/k, drawn after every claim is committed, and never more than k - 1 rollouts "
+                                      "in a row unchecked; 1 checks every rollout.")
+    clean_before_adaptive: int = Field(
+        8, ge=1, description="m: clean checks in a row before a rank's rollouts are checked at the adaptive rate; "
+                             "any failed check starts the count again.")
+
+    def schedule(self, world_size: int) -> "ProofSchedule":
+        """A fresh :class:`ProofSchedule` for ``world_size`` ranks: every rollout checked."""
+        return ProofSchedule(world_size, self)
 
 
 @dataclass(frozen=True)
@@ -251,6 +268,63 @@ def select_rows(num_rows: int, rate: float, seed: bytes) -> list[int]:
             if int.from_bytes(hashlib.sha256(seed + r.to_bytes(8, "little")).digest()[:8], "little") < threshold]
 
 
+def _draw(seed: bytes, label: bytes, index: int) -> float:
+    """A uniform number in [0, 1) from ``sha256(seed | label | index)``."""
+    digest = hashlib.sha256(seed + label + index.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest[:8], "little") / 2 ** 64
+
+
+class ProofSchedule:
+    """Which ranks' rollouts are checked, rollout by rollout (``proof.adaptive_every`` k,
+    ``proof.clean_before_adaptive`` m): every rollout until a rank has m clean checks in a row,
+    then each rollout with probability 1/k (drawn from the seed of all committed claims, so no
+    rank knows before committing whether its rollout will be checked) and at least every k-th;
+    a failed check sets the rank back to every rollout.
+
+    Every rank must hold the same schedule: it changes only through :meth:`record` with the
+    agreed outcome of :func:`cross_verify` (and :meth:`load_state_dict`), and :meth:`examined`
+    is a function of that state and the agreed seed.
+    """
+
+    def __init__(self, world_size: int, cfg: ProofConfig) -> None:
+        self.cfg = cfg
+        self.clean = [0] * world_size  # clean checks in a row, by rank
+        self.unchecked = [0] * world_size  # rollouts in a row not checked, by rank
+
+    def examined(self, seed: bytes) -> list[int]:
+        """The ranks whose rollout committed under ``seed`` is checked."""
+        k, m = self.cfg.adaptive_every, self.cfg.clean_before_adaptive
+        return [r for r in range(len(self.clean))
+                if self.clean[r] < m or self.unchecked[r] >= k - 1 or _draw(seed, b"rollout", r) < 1 / k]
+
+    def record(self, examined: Sequence[int], failed: Sequence[int]) -> None:
+        """Fold one verification's agreed outcome in: a failed rank starts over, a checked
+        clean one adds to its record, an unchecked one to its run of unchecked rollouts."""
+        for r in range(len(self.clean)):
+            if r in failed:
+                self.clean[r], self.unchecked[r] = 0, 0
+            elif r in examined:
+                self.clean[r], self.unchecked[r] = self.clean[r] + 1, 0
+            else:
+                self.unchecked[r] += 1
+
+    def state_dict(self) -> dict[str, list[int]]:
+        """The counters, by rank (JSON-serialisable)."""
+        return {"clean": list(self.clean), "unchecked": list(self.unchecked)}
+
+    def load_state_dict(self, state: dict[str, list[int]] | None) -> None:
+        """Restore :meth:`state_dict` output. ``None`` (a checkpoint from before adaptive
+        proofs) or a state of another world size leaves every rank at zero: checked every
+        rollout until it earns its record again. ``ValueError`` if the state is malformed."""
+        if state is None or len(state.get("clean", ())) != len(self.clean):
+            self.clean, self.unchecked = [0] * len(self.clean), [0] * len(self.clean)
+            return
+        clean, unchecked = [int(c) for c in state["clean"]], [int(u) for u in state["unchecked"]]
+        if len(unchecked) != len(clean) or min(clean + unchecked) < 0:
+            raise ValueError("proof schedule state: counters must be non-negative, one of each per rank")
+        self.clean, self.unchecked = clean, unchecked
+
+
 # -- cross-rank verification ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -302,12 +376,14 @@ class CrossVerification:
     failed: list[int]  # ranks whose checked rows did not all verify (accused by their verifier)
     checked: list[int]  # rows checked per target rank, by rank
     local: list[ProofCheck]  # this rank's verdicts on its target's selected rows
+    examined: list[int]  # ranks whose rollout was checked this time (all, without a schedule)
 
 
 def cross_verify(model: torch.nn.Module, claim: RolloutClaim, *, step: int, cfg: ProofConfig, temperature: float,
                  eos_id: int | Sequence[int], pad_id: int, stop_strings: Sequence[str] = (),
                  tokenizer: TextDecoder | None = None,
                  expected_prompt_ids: Callable[[int], torch.Tensor] | None = None,
+                 schedule: ProofSchedule | None = None,
                  group: dist.ProcessGroup | None = None) -> CrossVerification:
     """Every rank commits its claim, then rank ``r`` checks sampled rows of rank ``(r+1) % n``.
 
@@ -317,10 +393,15 @@ def cross_verify(model: torch.nn.Module, claim: RolloutClaim, *, step: int, cfg:
     know them before committing); one prefill over the selected rows; an all-gather of the
     verdicts. ``eos_id``, ``stop_strings`` and ``tokenizer`` are the rollout's (where a
     completion must end). ``expected_prompt_ids(rank)`` (optional) returns the ``(B, Lp)``
-    prompt ids the task gives that rank; claims with other prompts fail.
+    prompt ids the task gives that rank; claims with other prompts fail. With a ``schedule``
+    only the rollouts it selects from the claims' seed are checked (none: no verdict round);
+    the caller must then :meth:`ProofSchedule.record` ``examined`` and ``failed`` on every rank.
+    ``model`` may be the compiled loss forward (:func:`fedgspo.gspo.model.compile_forward`): the
+    prefill is an ordinary no-grad forward.
 
     Failure behaviour: never raises on a bad claim (an undecodable claim is a failure of its
-    sender). The caller must leave ``failed`` ranks out of this step's aggregation, audit a
+    sender); ``ValueError`` (on every rank, after the claims' all-gather) when ``schedule``
+    was built for another world size. The caller must leave ``failed`` ranks out of this step's aggregation, audit a
     ``proof_failure`` per failed rank, and feed it to reputation; a failure is an accusation
     by one verifier (a Byzantine verifier can accuse falsely: treat it as a detection, not
     proof, unless rank 0 re-verifies).
@@ -331,9 +412,34 @@ def cross_verify(model: torch.nn.Module, claim: RolloutClaim, *, step: int, cfg:
     target = (rank + 1) % world
     seed = hashlib.sha256(step.to_bytes(8, "little", signed=True) + b"".join(
         hashlib.sha256(b).digest() for b in blobs)).digest()
+    if schedule is not None and len(schedule.clean) != world:
+        raise ValueError(f"proof schedule holds {len(schedule.clean)} ranks, the group {world}")
+    examined = list(range(world)) if schedule is None else schedule.examined(seed)
+    if not examined:
+        return CrossVerification([], [0] * world, [], [])
+    local = [] if target not in examined else _check_target(
+        model, blobs[target], target, seed, cfg, temperature, expected_prompt_ids,
+        eos_id=eos_id, pad_id=pad_id, stop_strings=stop_strings, tokenizer=tokenizer)
+    verdict = [target, int(any(not c.ok for c in local)), len(local)]
+    table = all_gather_bytes(struct.pack("<iii", *verdict), group)
+    failed, checked = set(), [0] * world
+    for raw in table:
+        tgt, bad, count = struct.unpack("<iii", raw)
+        checked[tgt] = count
+        if bad:
+            failed.add(tgt)
+    return CrossVerification(sorted(failed), checked, local, examined)
+
+
+def _check_target(model: torch.nn.Module, blob: bytes, target: int, seed: bytes, cfg: ProofConfig,
+                  temperature: float, expected_prompt_ids: Callable[[int], torch.Tensor] | None, *,
+                  eos_id: int | Sequence[int], pad_id: int, stop_strings: Sequence[str],
+                  tokenizer: TextDecoder | None) -> list[ProofCheck]:
+    """This rank's verdicts on ``target``'s committed claim ``blob`` (its selected rows, or
+    one failed verdict for an undecodable claim or wrong prompts); never raises on bad claims."""
     local: list[ProofCheck] = []
     try:
-        theirs = RolloutClaim.from_bytes(blobs[target])
+        theirs = RolloutClaim.from_bytes(blob)
         rows = select_rows(theirs.input_ids.shape[0], cfg.rate, seed + target.to_bytes(4, "little"))
         prompts_ok = expected_prompt_ids is None or _same_prompts(theirs, expected_prompt_ids(target))
         if not prompts_ok:
@@ -349,15 +455,7 @@ def cross_verify(model: torch.nn.Module, claim: RolloutClaim, *, step: int, cfg:
                                  eos_id=eos_id, pad_id=pad_id, stop_strings=stop_strings, tokenizer=tokenizer)
     except ProofError as err:
         local = [ProofCheck(False, str(err), 0.0, math.inf, math.inf)]
-    verdict = [target, int(any(not c.ok for c in local)), len(local)]
-    table = all_gather_bytes(struct.pack("<iii", *verdict), group)
-    failed, checked = set(), [0] * world
-    for raw in table:
-        tgt, bad, count = struct.unpack("<iii", raw)
-        checked[tgt] = count
-        if bad:
-            failed.add(tgt)
-    return CrossVerification(sorted(failed), checked, local)
+    return local
 
 
 def _same_prompts(claim: RolloutClaim, expected: torch.Tensor) -> bool:
