@@ -137,3 +137,19 @@ def test_each_phase_of_a_rollout_is_averaged_on_its_own():
     restored.load_state_dict(tracker.state_dict())
     cos, norms = honest_step(rng)
     assert restored.update(report(cos, norms), phase=1) == tracker.update(report(cos, norms), phase=1)
+
+
+def _feed(detector: PersistentDeviation, steps: int, spike_at: int | None, scale: float) -> set[int]:
+    """Four ranks with equal cosines; rank 3's norm is ``scale`` times the others' every step,
+    and 1e9 times at ``spike_at`` (one heavy-tailed step). Returns every rank ever flagged."""
+    flagged: set[int] = set()
+    for step in range(steps):
+        norms = [1.0, 1.1, 0.9, scale * (1e9 if step == spike_at else 1.0)]
+        flagged |= set(detector.update([0.5, 0.5, 0.5, 0.5], norms))
+    return flagged
+
+
+def test_log_ratio_cap_bounds_one_heavy_step_but_not_a_persistent_scale():
+    assert _feed(PersistentDeviation(4), 40, spike_at=12, scale=1.0) == {3}  # one step: flagged for a while
+    assert _feed(PersistentDeviation(4, log_ratio_cap=1.386), 40, spike_at=12, scale=1.0) == set()
+    assert _feed(PersistentDeviation(4, log_ratio_cap=1.386), 40, spike_at=None, scale=10.0) == {3}

@@ -238,7 +238,8 @@ class PersistentDeviation:
     """Flag ranks whose *average* behaviour deviates, step after step (module docstring).
 
     Per rank: ``c <- decay c + (1 - decay) cos_i`` and ``l <- decay l + (1 - decay)
-    (log ||x_i|| - median_j log ||x_j||)``, bias-corrected like Adam's moments; nonfinite
+    (log ||x_i|| - median_j log ||x_j||)`` (clipped to ``+-log_ratio_cap`` when set),
+    bias-corrected like Adam's moments; nonfinite
     statistics leave a rank's averages unchanged. From ``warmup`` updates on, rank ``i`` is
     flagged when the robust z-score of its ``c`` among all ranks' is below ``-threshold``
     (opposes or ignores the common direction) or that of its ``l`` is above ``threshold``
@@ -248,9 +249,10 @@ class PersistentDeviation:
     """
 
     def __init__(self, world_size: int, decay: float = 0.95, threshold: float = DEFAULT_THRESHOLD,
-                 warmup: int = 10, cosine_floor: float = 0.05, log_floor: float = 0.2) -> None:
+                 warmup: int = 10, cosine_floor: float = 0.05, log_floor: float = 0.2,
+                 log_ratio_cap: float | None = None) -> None:
         self.decay, self.threshold, self.warmup = decay, threshold, warmup
-        self.cosine_floor, self.log_floor = cosine_floor, log_floor
+        self.cosine_floor, self.log_floor, self.log_ratio_cap = cosine_floor, log_floor, log_ratio_cap
         self.cosine_ema = [0.0] * world_size
         self.log_norm_ema = [0.0] * world_size
         self.updates = [0] * world_size
@@ -271,7 +273,10 @@ class PersistentDeviation:
         for i in range(n):
             if finite[i]:
                 self.cosine_ema[i] = d * self.cosine_ema[i] + (1 - d) * cosines[i]
-                self.log_norm_ema[i] = d * self.log_norm_ema[i] + (1 - d) * (log_norms[i] - median)
+                ratio = log_norms[i] - median
+                if self.log_ratio_cap is not None:
+                    ratio = max(-self.log_ratio_cap, min(self.log_ratio_cap, ratio))
+                self.log_norm_ema[i] = d * self.log_norm_ema[i] + (1 - d) * ratio
                 self.updates[i] += 1
         ready = [i for i in range(n) if self.updates[i] >= self.warmup]
         if len(ready) < 3:  # no majority to compare with

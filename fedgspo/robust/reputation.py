@@ -42,6 +42,9 @@ class PersistenceConfig(BaseModel):
     warmup: int = Field(10, gt=0, description="Steps a rank is measured before it can be flagged.")
     cosine_floor: float = Field(0.05, gt=0, description="MAD floor of the averaged cosines.")
     log_floor: float = Field(0.2, gt=0, description="MAD floor of the averaged relative log norms.")
+    log_ratio_cap: float | None = Field(
+        None, gt=0, description="Clip each step's relative log norm to +-this before averaging (None: no clip); "
+        "bounds what one heavy-tailed step adds to an honest rank's average.")
 
 
 class ReputationConfig(BaseModel):
@@ -106,6 +109,7 @@ class ReputationTracker:
     def _detector(self) -> PersistentDeviation:
         p = self.config.persistence
         return PersistentDeviation(len(self.ranks), decay=p.decay, threshold=p.threshold, warmup=p.warmup,
+                                   log_ratio_cap=p.log_ratio_cap,
                                    cosine_floor=p.cosine_floor, log_floor=p.log_floor)
 
     def update(self, report: RobustReport, phase: int = 0) -> list[int]:
