@@ -73,6 +73,7 @@ from fedgspo.distributed import all_gather_single
 from fedgspo.robust.all_reduce import META_DTYPE, META_F, META_NUMEL
 from fedgspo.robust.detection import (
     COSINE_BOUND, DEFAULT_THRESHOLD, PersistentDeviation, RankStatistics, detect, statistics_from_sums)
+from fedgspo.robust.reputation import PersistenceConfig
 from fedgspo.robust.shard_exchange import ProtocolTamper
 
 #: First attacking step of ``sleeper`` when ``start_step`` is not given.
@@ -237,7 +238,7 @@ def _stealth(cfg: AttackConfig, honest: torch.Tensor, n: int, fraction: float, s
     keys = (-1,) if cfg.phases == 1 else (-1, step % cfg.phases)
     for key in keys:
         if key not in cfg._shadows or len(cfg._shadows[key].updates) != n:
-            cfg._shadows[key] = PersistentDeviation(n)
+            cfg._shadows[key] = PersistentDeviation(n, log_ratio_cap=PersistenceConfig().log_ratio_cap)
 
     def statistics(lam: float) -> RankStatistics:
         """Every rank's statistics against the honest mean when the attackers send ``mean - lam * std``."""

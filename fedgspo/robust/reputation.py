@@ -43,8 +43,9 @@ class PersistenceConfig(BaseModel):
     cosine_floor: float = Field(0.05, gt=0, description="MAD floor of the averaged cosines.")
     log_floor: float = Field(0.2, gt=0, description="MAD floor of the averaged relative log norms.")
     log_ratio_cap: float | None = Field(
-        None, gt=0, description="Clip each step's relative log norm to +-this before averaging (None: no clip); "
-        "bounds what one heavy-tailed step adds to an honest rank's average.")
+        1.386, gt=0, description="Clip each step's relative log norm to +-this (default log 4) before averaging "
+        "(None: no clip): bounds what one heavy-tailed step adds to an honest rank's average once most groups "
+        "have equal rewards; a persistently scaled rank still averages up to the cap.")
 
 
 class ReputationConfig(BaseModel):
