@@ -81,9 +81,9 @@ class SiteGroups:
         self.cross: dist.ProcessGroup | None = None
         if layout.trivial or not dist.is_initialized():
             return
-        for site in layout.sites:
+        for index, site in enumerate(layout.sites):
             group = dist.new_group(list(site)) if len(site) > 1 else None
-            if self.site == layout.sites.index(site):
+            if index == self.site:
                 self.intra = group
         self.cross = dist.new_group(layout.leaders)
 

@@ -72,6 +72,12 @@ def decode_int8(payload: torch.Tensor, numel: int) -> torch.Tensor:
     return (padded.view(chunks, INT8_CHUNK) * scales[:, None]).reshape(-1)[:numel]
 
 
+def decode_int8_rows(payloads: torch.Tensor, numel: int) -> torch.Tensor:
+    """The ``(n, numel)`` float32 updates of ``n`` stacked payloads (one per row), each decoded
+    by :func:`decode_int8` (same failure behaviour)."""
+    return torch.stack([decode_int8(row, numel) for row in payloads])
+
+
 def round_trip(codec: str, flat: torch.Tensor) -> torch.Tensor:
     """What the receivers of ``flat`` decode under ``codec`` (a new float tensor of ``flat``'s
     dtype): the value error feedback compares against."""

@@ -103,7 +103,7 @@ from typing import Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from fedgspo.robust.compression import decode_int8, encode_int8, payload_numel
+from fedgspo.robust.compression import decode_int8_rows, encode_int8, payload_numel
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.aggregators import Aggregator, ShardContext
 
@@ -382,7 +382,7 @@ def publish(
     for work in works:
         work.wait()
     if codec == "int8":
-        out.copy_(torch.stack([decode_int8(payloads[r], s) for r in range(n)]).to(out.dtype))
+        out.copy_(decode_int8_rows(payloads, s).to(out.dtype))
     return out, stats_out.cpu()
 
 
@@ -419,7 +419,7 @@ def exchange(layout: Layout, flat: torch.Tensor, group: dist.ProcessGroup | None
         payload = encode_int8(flat)
         gathered = _buffer("replicated-int8", n * payload.numel(), torch.uint8, flat.device).view(n, -1)
         all_gather_single(gathered.view(-1), payload, group=group)
-        stack = torch.stack([decode_int8(gathered[r], flat.numel()) for r in range(n)]).to(flat.dtype)
+        stack = decode_int8_rows(gathered, flat.numel()).to(flat.dtype)
         return stack[dist.get_rank(group)], stack
     if layout.mode == "replicated":
         gathered = _buffer("replicated", n * flat.numel(), flat.dtype, flat.device)
@@ -432,8 +432,7 @@ def exchange(layout: Layout, flat: torch.Tensor, group: dist.ProcessGroup | None
         payloads = torch.stack([encode_int8(row) for row in send])
         received = torch.empty_like(payloads)
         dist.all_to_all_single(received.view(-1), payloads.view(-1), group=group)
-        decode = lambda rows: torch.stack([decode_int8(row, s) for row in rows]).to(flat.dtype)  # noqa: E731
-        return decode(payloads), decode(received)
+        return decode_int8_rows(payloads, s).to(flat.dtype), decode_int8_rows(received, s).to(flat.dtype)
     recv = _buffer("recv", send.numel(), flat.dtype, flat.device).view(send.shape)
     dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
     return send, recv
