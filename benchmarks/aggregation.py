@@ -88,7 +88,7 @@ def bench_size(d: int, reps: int, warmup: int) -> dict[str, dict[str, float]]:
     s = -(-d // n)
     send, recv = torch.randn(n * s), torch.empty(n * s)
     shard, out = torch.randn(s), torch.empty(n * s)
-    stats = torch.randn(2 * n + 1, dtype=torch.float64)
+    stats = torch.randn(3 * n + 3, dtype=torch.float64)
 
     def floor() -> None:
         dist.all_to_all_single(recv, send)

@@ -267,7 +267,8 @@ def test_aggregation_config_builds_all_reduce_arguments():
     from fedgspo.robust.config import AggregationConfig, tolerated_f
 
     cfg = AggregationConfig(rule="median", f=1, pre=["bucketing"], bucket_size=3, options={"seed": 4})
-    assert cfg.all_reduce_kwargs() == {"mode": "sharded", "z_threshold": cfg.z_threshold, "exclude_flagged": False}
+    assert cfg.all_reduce_kwargs() == {"mode": "sharded", "z_threshold": cfg.z_threshold,
+                                       "skew_bound": cfg.skew_bound, "exclude_flagged": False}
     assert cfg.build(world_size=5).spec() == "bucketing(s=3,seed=4)+median(f=1)"
     assert cfg.build(world_size=5, rule="trimmed_mean").spec() == "bucketing(s=3,seed=4)+trimmed_mean(f=1)"
     assert AggregationConfig(rule="median").build(world_size=5).f == tolerated_f("median", "auto", 5) == 2

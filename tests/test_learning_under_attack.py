@@ -65,14 +65,16 @@ def _colluding_runs(rank: int, world_size: int, steps: int) -> dict[str, list[di
             torch.distributed.all_gather(gathered, g)
             stack = torch.stack(gathered).double()
             agg = stack.median(0).values
-            stats = statistics_from_sums(stack @ agg, (stack * stack).sum(1), float(agg @ agg))
+            spread = stack.std(0, correction=0)
+            stats = statistics_from_sums(stack @ agg, (stack * stack).sum(1), float(agg @ agg), stack @ spread,
+                                         float(agg @ spread), float(spread @ spread))
             out[kind].append({"sent": g, "honest": honest, "flagged": detect(stats).flagged})
     return out
 
 
 def test_colluding_adaptive_attacks():
     """5 ranks, ranks 3 and 4 attack. ``collusion``: both send one vector, opposite to the honest
-    mean. ``stealth``: both send one vector, far from the honest mean, never flagged per step."""
+    mean. ``stealth``: both send one vector, never flagged per step, close to the honest mean."""
     steps = 12
     results = run_ranks(_colluding_runs, 5, steps, timeout=240)
     assert all(status == "ok" for status, _ in results), results
@@ -86,9 +88,12 @@ def test_colluding_adaptive_attacks():
                 assert torch.nn.functional.cosine_similarity(a, honest_mean, dim=0) < -0.99
             else:
                 assert not {3, 4} & set(runs[0][kind][step]["flagged"])
-    deviations = [float((runs[3]["stealth"][s]["sent"] - torch.stack(
-        [runs[r]["stealth"][s]["honest"] for r in range(3)]).mean(0)).norm()) for s in range(steps)]
-    assert sum(d > 1.0 for d in deviations) >= steps // 2
+    # Staying under the skew test leaves stealth a shift of a few hundredths of the honest spread
+    # (ALIE's default is 1.1 standard deviations at this size).
+    for s in range(steps):
+        honest = torch.stack([runs[r]["stealth"][s]["honest"] for r in range(3)])
+        shift = runs[3]["stealth"][s]["sent"] - honest.mean(0)
+        assert 0 < float(shift.norm()) < 0.1 * float(honest.std(0).norm())
 
 
 def _train(tmp_path: Path, name: str, steps: int, *extra: str) -> list[dict]:

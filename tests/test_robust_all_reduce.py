@@ -83,7 +83,14 @@ def test_every_mode_equals_the_single_process_rule(scenarios):
             assert torch.equal(other[key][0], tensor), key
             assert repr(other[key][1]) == repr(report), key
         assert not report.consensus_failed, (key, report.reason)
-        torch.testing.assert_close(tensor, _reference(d, call, rule, f, kw), rtol=1e-5, atol=1e-5, msg=str(key))
+        expected = _reference(d, call, rule, f, kw)
+        torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-5, msg=str(key))
+        # skews: cosine of x_i - a to the rows' coordinate-wise (population) standard deviation
+        x = updates(d).double()
+        spread, deviation = x.std(0, correction=0), x - expected.double()
+        skews = deviation @ spread / (deviation.norm(dim=1) * spread.norm())
+        torch.testing.assert_close(torch.tensor(report.skews, dtype=torch.float64), skews, rtol=1e-3, atol=1e-3,
+                                   msg=str(key))
 
 
 def _bad_inputs(rank: int, world: int) -> list:

@@ -109,7 +109,7 @@ import torch.distributed as dist
 from fedgspo.robust.aggregators import Aggregator, build_aggregator
 from fedgspo.robust.authentication import ExchangeAuthenticator
 from fedgspo.robust.compression import CODECS
-from fedgspo.robust.detection import DEFAULT_THRESHOLD, detect, statistics_from_sums
+from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND, detect, statistics_from_sums
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.shard_exchange import (
     AggregationPlan,
@@ -145,6 +145,8 @@ class RobustReport:
         flagged: ranks flagged as outliers or nonfinite (sorted).
         cosines: cosine of ``x_i`` to ``a``; ``z_cosine`` their robust z-scores.
         norms: ``||x_i||``; ``z_norm`` robust z-scores of the log norms.
+        skews: cosine of ``x_i - a`` to the coordinate-wise spread of the aggregated updates;
+            ``z_skew`` their robust z-scores (see :mod:`fedgspo.robust.detection`).
         nonfinite: ranks whose update had NaN/Inf (always flagged, never aggregated).
         excluded: ranks left out of the aggregate (requested, weight 0, nonfinite, or
             flagged with ``exclude_flagged``).
@@ -169,6 +171,8 @@ class RobustReport:
     norms: list[float] = field(default_factory=list)
     z_cosine: list[float] = field(default_factory=list)
     z_norm: list[float] = field(default_factory=list)
+    skews: list[float] = field(default_factory=list)
+    z_skew: list[float] = field(default_factory=list)
     nonfinite: list[int] = field(default_factory=list)
     excluded: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
@@ -359,12 +363,14 @@ def _agree_and_move(
 
 
 def _judge(
-    plan: AggregationPlan, sums: torch.Tensor, *, z_threshold: float, exclude_flagged: bool, mode: str
+    plan: AggregationPlan, sums: torch.Tensor, *, z_threshold: float, skew_bound: float | None,
+    exclude_flagged: bool, mode: str
 ) -> tuple[RobustReport, list[int]]:
     """Flags, exclusions and the consensus decision from the global per-rank sums."""
     n, keep = plan.n, plan.keep
-    stats = statistics_from_sums(sums[:n], sums[n : 2 * n], float(sums[2 * n]))
-    det = detect(stats, z_threshold)
+    stats = statistics_from_sums(sums[:n], sums[n : 2 * n], float(sums[2 * n]), sums[2 * n + 1 : 3 * n + 1],
+                                 float(sums[3 * n + 1]), float(sums[3 * n + 2]))
+    det = detect(stats, z_threshold, skew_bound=skew_bound)
     flagged = sorted(set(det.flagged) | set(plan.nonfinite) | set(plan.auth_failed))
     reason = ""
     if exclude_flagged and set(flagged) & set(keep):
@@ -387,6 +393,8 @@ def _judge(
         norms=stats.norms,
         z_cosine=det.z_cosine,
         z_norm=det.z_norm,
+        skews=stats.skews,
+        z_skew=det.z_skew,
         nonfinite=plan.nonfinite,
         excluded=[r for r in range(n) if r not in keep],
         weights=[float(plan.weights[r]) if r in keep else 0.0 for r in range(n)],
@@ -410,6 +418,8 @@ def _failed_report(plan: AggregationPlan, mode: str, reason: str) -> RobustRepor
         norms=nan,
         z_cosine=nan,
         z_norm=nan,
+        skews=nan,
+        z_skew=nan,
         nonfinite=plan.nonfinite,
         excluded=[r for r in range(plan.n) if r not in plan.keep],
         weights=[0.0] * plan.n,
@@ -462,6 +472,7 @@ def robust_all_reduce(
     *,
     mode: str = "sharded",
     z_threshold: float = DEFAULT_THRESHOLD,
+    skew_bound: float | None = SKEW_BOUND,
     exclude: Sequence[int] = (),
     weights: Sequence[float] | None = None,
     exclude_flagged: bool = False,
@@ -484,6 +495,7 @@ def robust_all_reduce(
         group: process group (default: the world).
         mode: ``"sharded"``, ``"replicated"`` or ``"audited"`` (module docstring).
         z_threshold: robust z-score threshold for flagging (:mod:`fedgspo.robust.detection`).
+        skew_bound: flag ranks whose skew is beyond +-this and a z-score outlier; None: off.
         exclude: ranks left out of the aggregate (e.g. quarantined); still measured.
         weights: per-rank non-negative weights; 0 excludes a rank; rules with a weighted
             form (mean, geometric median, centered clipping) use the values.
@@ -518,7 +530,8 @@ def robust_all_reduce(
     if compression == "bf16" and tensor.dtype != torch.bfloat16:
         wire = tensor.to(torch.bfloat16)
         report = robust_all_reduce(
-            wire, rule, f, group, mode=mode, z_threshold=z_threshold, exclude=exclude, weights=weights,
+            wire, rule, f, group, mode=mode, z_threshold=z_threshold, skew_bound=skew_bound, exclude=exclude,
+            weights=weights,
             exclude_flagged=exclude_flagged, pre=pre, authenticator=authenticator, step=step, tamper=tamper,
             **rule_options)
         tensor.copy_(wire)
@@ -533,7 +546,7 @@ def robust_all_reduce(
     )
     config_text = repr(
         (agg.spec() if agg else rule, mode, sorted(agg.options().items()) if agg else options, sorted(exclude),
-         weights, z_threshold, exclude_flagged, authenticator is not None, compression)
+         weights, z_threshold, skew_bound, exclude_flagged, authenticator is not None, compression)
     )
     with torch.no_grad():
         flat = tensor.reshape(-1)
@@ -546,7 +559,8 @@ def robust_all_reduce(
         nonfinite = [r for r in range(n) if not torch.isfinite(meta[r, META_SQ_NORM])]
         keep = [r for r in range(n) if r not in set(exclude) and w[r] > 0 and r not in nonfinite]
         plan = AggregationPlan(agg, n, keep, w, nonfinite, agg.next_round())
-        judge = functools.partial(_judge, z_threshold=z_threshold, exclude_flagged=exclude_flagged, mode=mode)
+        judge = functools.partial(_judge, z_threshold=z_threshold, skew_bound=skew_bound,
+                                  exclude_flagged=exclude_flagged, mode=mode)
         verify = None if authenticator is None else _authenticate(authenticator, step, group, n, mode)
         if not plan.tolerated():
             report, result = _failed_report(plan, mode, f"{len(keep)} usable ranks are too few for {agg.spec()}"), None

@@ -27,7 +27,7 @@ Adaptive attacks, which play against the defences rather than past them:
   (:class:`~fedgspo.robust.detection.PersistentDeviation` with its defaults, over all steps
   and per phase of ``phases`` updates per rollout) would not flag at ``strength`` times the
   default threshold (the cosine bound scaled alike). It measures against the honest mean as
-  a stand-in for the aggregate; colluding.
+  a stand-in for the aggregate (and the spread of all updates sent for the skew test); colluding.
 * ``alternating`` [1]: ``-strength * g`` on every other step from ``start_step`` on (the
   second, fourth, ...), honest on the others, so that it halves its averages across steps.
 * ``sleeper`` [1]: honest until ``start_step`` (default :data:`SLEEPER_START` for this kind),
@@ -72,7 +72,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.all_reduce import META_DTYPE, META_F, META_NUMEL
 from fedgspo.robust.detection import (
-    COSINE_BOUND, DEFAULT_THRESHOLD, PersistentDeviation, RankStatistics, detect, statistics_from_sums)
+    COSINE_BOUND, DEFAULT_THRESHOLD, SKEW_BOUND, PersistentDeviation, RankStatistics, detect,
+    statistics_from_sums)
 from fedgspo.robust.reputation import PersistenceConfig
 from fedgspo.robust.shard_exchange import ProtocolTamper
 
@@ -231,10 +232,12 @@ def _stealth(cfg: AttackConfig, honest: torch.Tensor, n: int, fraction: float, s
     with the statistics of the vector sent. The replicas are judged as if warmed up from the
     first step, so that the averages are already inside the bounds when the real test starts."""
     honest_ranks = [r for r in range(n) if r not in cfg.ranks]
-    mean = honest.double().mean(0)
-    std = honest.double().std(0, correction=1 if honest.shape[0] > 1 else 0)
+    rows = honest.double()
+    mean = rows.mean(0)
+    std = rows.std(0, correction=1 if honest.shape[0] > 1 else 0)
     mm, ms, ss = float(mean @ mean), float(mean @ std), float(std @ std)
-    honest_dots, honest_sq = honest.double() @ mean, (honest.double() ** 2).sum(1)
+    honest_dots, honest_sq = rows @ mean, (rows ** 2).sum(1)
+    row_sum, row_sq_sum, f = rows.sum(0), (rows ** 2).sum(0), n - rows.shape[0]
     keys = (-1,) if cfg.phases == 1 else (-1, step % cfg.phases)
     for key in keys:
         if key not in cfg._shadows or len(cfg._shadows[key].updates) != n:
@@ -245,11 +248,17 @@ def _stealth(cfg: AttackConfig, honest: torch.Tensor, n: int, fraction: float, s
         dots = torch.full((n,), mm - lam * ms, dtype=torch.float64)
         sq = torch.full((n,), max(mm - 2 * lam * ms + lam * lam * ss, 0.0), dtype=torch.float64)
         dots[honest_ranks], sq[honest_ranks] = honest_dots, honest_sq
-        return statistics_from_sums(dots, sq, mm)
+        # the coordinate-wise spread of every rank's update (the detector's skew statistic)
+        sent = mean - lam * std
+        spread = ((row_sq_sum + f * sent ** 2) / n - ((row_sum + f * sent) / n) ** 2).clamp_min(0).sqrt()
+        spread_dots = torch.full((n,), float(sent @ spread), dtype=torch.float64)
+        spread_dots[honest_ranks] = rows @ spread
+        return statistics_from_sums(dots, sq, mm, spread_dots, float(mean @ spread), float(spread @ spread))
 
     def unseen(lam: float) -> bool:
         stats = statistics(lam)
-        per_step = detect(stats, threshold=fraction * DEFAULT_THRESHOLD, cosine_bound=fraction * COSINE_BOUND)
+        per_step = detect(stats, threshold=fraction * DEFAULT_THRESHOLD, cosine_bound=fraction * COSINE_BOUND,
+                          skew_bound=None if SKEW_BOUND is None else fraction * SKEW_BOUND)
         flagged = set(per_step.flagged)
         for key in keys:
             shadow = copy.deepcopy(cfg._shadows[key])
@@ -347,7 +356,7 @@ class ProtocolAttack(ProtocolTamper):
 
     def statistics(self, stats: torch.Tensor) -> None:
         if self.kind == "lie_stats":
-            n = (stats.numel() - 1) // 2
+            n = (stats.numel() - 3) // 3
             if self.target < n:
                 stats[n + self.target] *= self.strength**2
 

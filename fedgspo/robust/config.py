@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedgspo.robust.aggregators import Aggregator, build_aggregator
-from fedgspo.robust.detection import DEFAULT_THRESHOLD
+from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND
 from fedgspo.robust.reputation import ReputationConfig
 
 RuleName = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping"]
@@ -30,6 +30,9 @@ class AggregationConfig(BaseModel):
         "auto", description="Byzantine ranks to tolerate; 'auto': the most the rule allows for the world size."
     )
     z_threshold: float = Field(DEFAULT_THRESHOLD, gt=0, description="Robust z-score above which a rank is flagged.")
+    skew_bound: float | None = Field(
+        SKEW_BOUND, gt=0, le=1, description="Flag a rank whose update leans along the updates' coordinate-wise "
+        "spread (|skew| above this and a z-score outlier: fedgspo.robust.detection); null: off.")
     mode: Literal["sharded", "replicated", "audited"] = Field(
         "sharded", description="sharded: all-reduce bytes; replicated: trusts no rank; audited: double-checked shards."
     )
@@ -88,6 +91,7 @@ class AggregationConfig(BaseModel):
         return {
             "mode": self.mode,
             "z_threshold": self.z_threshold,
+            "skew_bound": self.skew_bound,
             "exclude_flagged": self.exclude_flagged,
         }
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fedgspo.robust.detection import DEFAULT_THRESHOLD
+from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND
 from fedgspo.robust.all_reduce import RobustReport, robust_all_reduce
 
 
@@ -42,6 +42,7 @@ class RobustHookState:
     f: int = 1
     mode: str = "sharded"
     z_threshold: float = DEFAULT_THRESHOLD
+    skew_bound: float | None = SKEW_BOUND
     process_group: dist.ProcessGroup | None = None
     options: dict[str, Any] = field(default_factory=dict)
     reports: dict[int, RobustReport] = field(default_factory=dict)
@@ -75,6 +76,7 @@ def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.future
         group=state.process_group,
         mode=state.mode,
         z_threshold=state.z_threshold,
+        skew_bound=state.skew_bound,
         **state.options,
     )
     state.record(bucket.index(), bucket.is_last(), report)

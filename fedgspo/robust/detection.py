@@ -12,11 +12,27 @@ when it could pull the aggregate:
   is harmless to a robust rule and is never flagged);
 * its log-distance z-score is above ``threshold`` (far from the aggregate; one-sided);
 * its cosine is below the absolute bound ``cosine_bound`` (opposes the aggregate);
-* its cosine z-score is below ``-threshold`` (points elsewhere than the others).
+* its cosine z-score is below ``-threshold`` (points elsewhere than the others);
+* its *skew* is beyond ``+-skew_bound`` and its skew z-score beyond ``+-threshold`` (it leans
+  along the spread: below).
 
 The distance and cosine z-tests skip a rank whose log-norm z-score is below ``-threshold``:
 a (nearly) zero update is far from the aggregate and has cosine ~0 whatever it was, and it
 cannot pull a robust aggregate. The absolute cosine bound still applies to it.
+
+**Skew.** An attacker that stays inside the honest spread on norm, distance and cosine can
+still move a coordinate-wise rule by a fraction of the honest standard deviation in every
+coordinate, all in one direction (ALIE's ``mean - z * std``; a threshold-aware attacker); an
+adaptive optimizer turns that persistent per-coordinate bias into a persistent step. The skew
+of rank ``i`` is the cosine of ``x_i - a`` to ``s``, the coordinate-wise standard deviation of
+the aggregated updates (``s >= 0``): honest noise is symmetric around the centre, so honest
+skews scatter around 0 (|skew| at most 0.26 over 1200 rank-steps of a clean 4-rank run; 0.05
+typical), while ``mean - z * std`` has a skew near ``-1`` for any ``z`` that moves the rule.
+Both the absolute bound and the robust z-score must be exceeded: when attackers pull the
+aggregate, the honest ranks' skews lean the other way together (and stay close to each
+other). Limits: ``f`` colluders near half the ranks inflate the skews' MAD (three of eight at
+half a standard deviation are not flagged), and an attacker that shifts each coordinate by
+``+-z * std`` with signs of its own choosing has no skew (left to the other tests).
 
 **Adaptive floors.** With 8 ranks a MAD rests on four or five values, so it can be small by
 chance while an honest rank lies far out (honest GSPO gradients of small batches are heavy
@@ -57,7 +73,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -74,6 +90,10 @@ COSINE_BOUND = -0.8
 SPREAD_FACTOR = 8.0
 #: Smallest cluster spread: relative rounding of norms of float32 updates summed in float64.
 MIN_SPREAD = 1e-6
+#: Skews beyond +-this (and robust z-score outliers) are flagged; None turns the test off.
+SKEW_BOUND: float | None = 0.5
+#: MAD floor of skews.
+SKEW_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,9 @@ class RankStatistics:
     distances: list[float]
     cosines: list[float]
     norms: list[float]
+    #: cosine of ``x_i - a`` to the coordinate-wise spread ``s`` of the aggregated rows
+    #: (empty: not measured).
+    skews: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,13 +121,18 @@ class Detection:
     z_norm: list[float]
     flagged: list[int]
     spread: float | None = None
+    z_skew: list[float] = field(default_factory=list)
 
 
-def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm: float) -> RankStatistics:
-    """Statistics from global sums: ``dots[i] = <x_i, a>``, ``sq_norms[i] = ||x_i||^2``, ``||a||^2``.
+def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm: float,
+                         spread_dots: torch.Tensor | None = None, agg_spread_dot: float = 0.0,
+                         spread_sq_norm: float = 0.0) -> RankStatistics:
+    """Statistics from global sums: ``dots[i] = <x_i, a>``, ``sq_norms[i] = ||x_i||^2``, ``||a||^2``,
+    and optionally ``spread_dots[i] = <x_i, s>``, ``<a, s>``, ``||s||^2`` for the skews.
 
     The distance is ``sqrt(||x_i||^2 - 2<x_i, a> + ||a||^2)`` (clamped at 0); the cosine of a
-    zero vector is 0. Nonfinite inputs give NaN/Inf statistics.
+    zero vector is 0, and so is the skew of a rank at distance 0 or of a zero spread. Nonfinite
+    inputs give NaN/Inf statistics.
     """
     dots, sq_norms = dots.double().cpu(), sq_norms.double().cpu()
     dist = (sq_norms - 2 * dots + agg_sq_norm).clamp_min(0).sqrt()
@@ -112,8 +140,16 @@ def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm
     denom = norms * math.sqrt(max(agg_sq_norm, 0.0))
     cos = torch.where(denom > 0, dots / denom, torch.zeros_like(dots))
     # A finite-looking ratio of nonfinite quantities still marks the rank as nonfinite.
-    cos = torch.where(torch.isfinite(sq_norms) & torch.isfinite(dots), cos, torch.full_like(cos, math.nan))
-    return RankStatistics(dist.tolist(), cos.clamp(-1, 1).tolist(), norms.tolist())
+    finite = torch.isfinite(sq_norms) & torch.isfinite(dots)
+    cos = torch.where(finite, cos, torch.full_like(cos, math.nan))
+    skews: list[float] = []
+    if spread_dots is not None:
+        spread_dots = spread_dots.double().cpu()
+        skew_denom = dist * math.sqrt(max(spread_sq_norm, 0.0)) if math.isfinite(spread_sq_norm) else dist * math.nan
+        skew = torch.where(skew_denom > 0, (spread_dots - agg_spread_dot) / skew_denom, torch.zeros_like(dots))
+        skew = torch.where(finite & torch.isfinite(spread_dots), skew, torch.full_like(skew, math.nan))
+        skews = skew.clamp(-1, 1).tolist()
+    return RankStatistics(dist.tolist(), cos.clamp(-1, 1).tolist(), norms.tolist(), skews)
 
 
 def robust_z(values: list[float], floor: float = 0.0, rel_floor: float = 0.0) -> list[float]:
@@ -189,6 +225,8 @@ def detect(
     cosine_bound: float = COSINE_BOUND,
     use_distance: bool = True,
     spread_factor: float | None = SPREAD_FACTOR,
+    skew_bound: float | None = SKEW_BOUND,
+    skew_floor: float = SKEW_FLOOR,
 ) -> Detection:
     """Flag ranks that could pull the aggregate, or are nonfinite (rules: module docstring).
 
@@ -211,6 +249,7 @@ def detect(
     z_d = robust_z(_log(stats.distances), floor=log_floor)
     z_n = robust_z(_log(stats.norms), floor=log_floor)
     z_c = robust_z(stats.cosines, floor=cosine_floor)
+    z_s = robust_z(stats.skews, floor=skew_floor)
 
     # When most ranks send (near-)zero updates — late in training, when most groups have equal
     # rewards — there is no majority to measure against: a rank with a real gradient would look
@@ -228,10 +267,12 @@ def detect(
         if z_n[i] > threshold:
             return True
         negligible = z_n[i] < -threshold
-        return not negligible and ((use_distance and z_d[i] > threshold) or z_c[i] < -threshold)
+        skewed = (skew_bound is not None and bool(stats.skews) and abs(stats.skews[i]) > skew_bound
+                  and abs(z_s[i]) > threshold)
+        return not negligible and ((use_distance and z_d[i] > threshold) or z_c[i] < -threshold or skewed)
 
     flagged = [i for i in range(len(stats.distances)) if suspicious(i)]
-    return Detection(z_d, z_c, z_n, flagged, spread)
+    return Detection(z_d, z_c, z_n, flagged, spread, z_s)
 
 
 class PersistentDeviation:
@@ -323,6 +364,7 @@ def false_alarm_rate(
         scale = torch.exp(spread * torch.randn(n, 1, generator=gen, dtype=torch.float64))
         x = snr * mu + scale * torch.randn(n, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
         a = x.median(0).values if n % 2 else x.sort(0).values[n // 2 - 1 : n // 2 + 1].mean(0)
-        stats = statistics_from_sums(x @ a, (x * x).sum(1), float(a @ a))
+        s = x.std(0, correction=0)
+        stats = statistics_from_sums(x @ a, (x * x).sum(1), float(a @ a), x @ s, float(a @ s), float(s @ s))
         alarms += bool(detect(stats, threshold).flagged)
     return alarms / draws

@@ -2,7 +2,8 @@
 
 Three exchanges share one contract. Given an :class:`AggregationPlan` (identical on every
 rank) and this rank's flat update, each one aggregates, hands the per-rank statistics
-(global sums of ``<x_i, a>``, ``||x_i||^2`` and ``||a||^2``) to a ``judge`` that decides
+(global sums of ``<x_i, a>``, ``||x_i||^2``, ``||a||^2`` and of the dot products with the
+rows' coordinate-wise spread: :func:`partial_stats`) to a ``judge`` that decides
 flags, exclusions and consensus, and returns ``(verdict, result, audit, plan)``: ``result``
 is the aggregated flat update, or None when it is unusable; ``audit`` an
 :class:`AuditOutcome` (empty unless audited).
@@ -219,11 +220,17 @@ def aggregate_rows(plan: AggregationPlan, stack: torch.Tensor, keep: list[int], 
     return plan.agg.aggregate(rows, ctx, w)
 
 
-def partial_stats(stack: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
-    """float64 ``[<x_i, a>]_i ++ [||x_i||^2]_i ++ [||a||^2]`` over the columns held."""
+def partial_stats(stack: torch.Tensor, agg: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """float64 ``[<x_i, a>]_i ++ [||x_i||^2]_i ++ [||a||^2] ++ [<x_i, s>]_i ++ [<a, s>, ||s||^2]``
+    over the columns held, where ``s`` is the coordinate-wise standard deviation of the ``keep``
+    rows (the spread an in-spread attack moves along; :mod:`fedgspo.robust.detection`)."""
     dots = (stack @ agg).double()
     sq = torch.linalg.vector_norm(stack, dim=1).double().square()
-    return torch.cat([dots, sq, torch.dot(agg, agg).double().reshape(1)])
+    rows = stack if len(keep) == stack.shape[0] else stack.index_select(0, torch.tensor(keep, device=stack.device))
+    spread = rows.std(0, correction=0) if len(keep) else torch.zeros_like(agg)
+    spread_dots = (stack @ spread).double()
+    tail = torch.stack([torch.dot(agg, spread), torch.dot(spread, spread)]).double()
+    return torch.cat([dots, sq, torch.dot(agg, agg).double().reshape(1), spread_dots, tail])
 
 
 def all_reduce_sum(group: dist.ProcessGroup | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -296,12 +303,14 @@ def agrees(claim: torch.Tensor, check: torch.Tensor, scale: torch.Tensor | None 
 
 def stats_agree(claim: torch.Tensor, check: torch.Tensor) -> bool:
     """:func:`agrees` for :func:`partial_stats`, each entry on its own scale: ``||x_i|| ||a||``
-    for ``<x_i, a>``, the value itself for the squared norms (one rank's huge update does not
+    for ``<x_i, a>`` (``||x_i|| ||s||``, ``||a|| ||s||`` for those with ``s``), the value itself
+    for the squared norms (one rank's huge update does not
     widen the tolerance on the others')."""
-    n = (check.numel() - 1) // 2
+    n = (check.numel() - 3) // 3
     b = check.double().abs()
-    sq, agg_sq = b[n : 2 * n], b[2 * n :]
-    return agrees(claim, check, torch.cat([(sq * agg_sq).sqrt(), sq, agg_sq]))
+    sq, agg_sq, spread_sq = b[n : 2 * n], b[2 * n : 2 * n + 1], b[-1:]
+    return agrees(claim, check, torch.cat([(sq * agg_sq).sqrt(), sq, agg_sq, (sq * spread_sq).sqrt(),
+                                           (agg_sq * spread_sq).sqrt(), spread_sq]))
 
 
 _CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -360,7 +369,7 @@ def publish(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every owner's aggregated shard and float64 partial statistics on every rank, in one
     point-to-point round; returns the ``(n, s)`` shards (written into ``into`` when given, e.g.
-    the caller's tensor viewed as ``(n, s)``) and the ``(n, 2n + 1)`` statistics on the CPU.
+    the caller's tensor viewed as ``(n, s)``) and the ``(n, 3n + 3)`` statistics on the CPU.
     ``tamper`` alters what this rank publishes (its own row included). With the ``int8`` codec
     the shards travel as int8 payloads and every rank, the owner included, keeps the decoded
     ones (the statistics stay the owner's, of its exact shard)."""
@@ -443,11 +452,11 @@ def sent_bytes(layout: Layout, n: int) -> int:
     ranks: its shards to their owners and its aggregated shard to every rank (sharded; audited
     sends every shard twice), or its update (its int8 payload) to every other rank
     (replicated, an all-gather counted as a ring: ``n - 1`` copies). The float64 metadata rows
-    and partial statistics (``(n - 1) * (2n + 8) * 8`` bytes) are included; tags and
+    and partial statistics (``(n - 1) * (3n + 10) * 8`` bytes) are included; tags and
     transport framing are not."""
     if n <= 1:
         return 0
-    small = (n - 1) * (2 * n + 8) * 8
+    small = (n - 1) * (3 * n + 10) * 8
     size = torch.empty((), dtype=layout.dtype).element_size()
     if layout.mode == "replicated":
         payload = payload_numel("int8", layout.numel) if layout.codec == "int8" else layout.numel * size
@@ -514,7 +523,7 @@ def sharded(
 
         def rounds(keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, AuditOutcome]:
             shard = aggregate_rows(plan, recv, keep, ctx)
-            gathered, stats = publish(shard, partial_stats(recv, shard), group, n, into, tamper, codec)
+            gathered, stats = publish(shard, partial_stats(recv, shard, keep), group, n, into, tamper, codec)
             return gathered, stats, AuditOutcome()
 
     gathered, stats, audit = rounds(plan.keep)
@@ -541,13 +550,13 @@ def _audited_round(
     keep: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, AuditOutcome]:
     """Steps 2-6 of the audit protocol (module docstring) for the ``keep`` rows: returns the
-    ``(n, s)`` shards (in ``into`` when given) and ``(n, 2n + 1)`` statistics after repairs,
+    ``(n, s)`` shards (in ``into`` when given) and ``(n, 3n + 3)`` statistics after repairs,
     and the outcome."""
     n, rank, device = plan.n, dist.get_rank(group), recv.device
     audited = (rank - 1) % n
     sums = _GatheredSums(group, device, n)
     shard = aggregate_rows(plan, recv[:, 0], keep, ShardContext(sums, plan.round))
-    gathered, stats = publish(shard, partial_stats(recv[:, 0], shard), group, n, into, tamper)
+    gathered, stats = publish(shard, partial_stats(recv[:, 0], shard, keep), group, n, into, tamper)
     honest = 0.0 if _claim_holds(plan, keep, recv[:, 1], sums, audited, gathered, stats) else 1.0
     votes = _gather_floats([tamper.vote(honest) if tamper is not None else honest], group, n, device)[:, 0]
     accused = sorted((a - 1) % n for a in range(n) if votes[a] != 0)
@@ -563,7 +572,7 @@ def _recompute(
     totals; the flag says whether ``owner``'s recorded contributions match."""
     replay = _Replay(sums, owner)
     shard = aggregate_rows(plan, stack, keep, ShardContext(replay, plan.round))
-    return shard, partial_stats(stack, shard), replay.complete()
+    return shard, partial_stats(stack, shard, keep), replay.complete()
 
 
 def _claim_holds(
@@ -641,7 +650,7 @@ def replicated(
             return None, None, AuditOutcome(), plan
     ctx = ShardContext(round=plan.round)
     agg = aggregate_rows(plan, stack, plan.keep, ctx)
-    verdict, keep = judge(plan, partial_stats(stack, agg).cpu())
+    verdict, keep = judge(plan, partial_stats(stack, agg, plan.keep).cpu())
     if verdict.consensus_failed:
         return verdict, None, AuditOutcome(), plan
     if keep != plan.keep:
