@@ -57,6 +57,9 @@ from common import RESULTS, markdown_table, write_json  # noqa: E402
 #: Attacks that play against the defences (fedgspo/robust/attacks.py).
 ADAPTIVE = ("stealth", "alternating", "sleeper", "collusion")
 ALL_ATTACKS = ("sign_flip", "scaled", "gaussian", "zero", "nan", "bit_flip", "alie", "ipm", "reward_flip", *ADAPTIVE)
+#: Liars inside the exchange (fedgspo.robust.attacks.PROTOCOL), selectable with --attacks; not in
+#: the default matrix (``bad_metadata`` stops every run at its first step, on purpose: SECURITY.md).
+PROTOCOL_ATTACKS = ("lie_aggregate", "lie_stats", "lie_vote", "bad_metadata")
 #: Attacks that change the update visibly (the detection target is >= 0.98 on these).
 OVERT = ("sign_flip", "scaled", "gaussian", "nan", "bit_flip")
 #: ``plain_mean``: ``mean`` with the defences the trainer lets one switch off switched off:
@@ -250,10 +253,24 @@ def with_window(runs: list[dict[str, Any]], window: int) -> list[dict[str, Any]]
     return out
 
 
+def with_shares(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs`` (one seed) with each finished run's final reward as a fraction of the clean run
+    of the same rule and seed (:func:`clean_reference`) in ``figures["shares"]`` (a list of one)."""
+    out = []
+    for run in runs:
+        fig, ref = run["figures"], clean_reference(runs, run["rule"])
+        if fig is not None:
+            fig = {**fig, "shares": [fig["reward_final"] / ref] if ref else []}
+        out.append({**run, "figures": fig})
+    return out
+
+
 def average_seeds(seeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One run per cell from the runs of several seeds: rewards and curves averaged over the
     seeds whose run succeeded, flags pooled (precision and recall over all of them), skipped
-    steps summed, ``seeds`` the number averaged. A single seed's runs are returned as they are."""
+    steps summed, per-seed shares of the clean reward listed (:func:`with_shares`), ``seeds``
+    the number averaged. A single seed's runs are returned with their shares."""
+    seeds = [with_shares(runs) for runs in seeds]
     if len(seeds) == 1:
         return seeds[0]
     by_cell: dict[str, list[dict[str, Any]]] = {}
@@ -289,6 +306,7 @@ def average_seeds(seeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "quarantined_at_end": sorted({q for f in figs for q in f["quarantined_at_end"]}),
             "honest_quarantined": sorted({q for f in figs for q in f.get("honest_quarantined", [])}),
             "attackers_quarantined_at": [f.get("attackers_quarantined_at") for f in figs],
+            "shares": [share for f in figs for share in f["shares"]],
         }})
     return merged
 
@@ -322,9 +340,21 @@ def clean_reference(runs: list[dict[str, Any]], rule: str) -> float | None:
     return clean[0]["figures"]["reward_final"] if clean else None
 
 
+def share_text(fig: dict[str, Any], ref: float | None) -> str:
+    """`` (96%)`` from one run, or `` (96%, 90-99%)``: the mean and range of the per-seed
+    shares when the runs of several seeds were averaged (:func:`average_seeds`)."""
+    shares = fig.get("shares") or []
+    if len(shares) > 1:
+        return f" ({100 * statistics.mean(shares):.0f}%, {100 * min(shares):.0f}-{100 * max(shares):.0f}%)"
+    if shares:
+        return f" ({100 * shares[0]:.0f}%)"
+    return f" ({100 * fig['reward_final'] / ref:.0f}%)" if ref else ""
+
+
 def training_table(runs: list[dict[str, Any]]) -> str:
     """Markdown: one row per (attack, f), one column per rule: reward first -> last window of
-    steps and the last as % of the same rule's clean run (:func:`clean_reference`)."""
+    steps and the last as % of the same rule's clean run (:func:`clean_reference`; over several
+    seeds the mean and range of each seed's own share: :func:`share_text`)."""
     rules = list(dict.fromkeys(r["rule"] for r in runs))
     refs = {rule: clean_reference(runs, rule) for rule in rules}
     cells = {(r["attack"] or "clean", r["f"], r["rule"]): r["figures"] for r in runs}
@@ -338,8 +368,7 @@ def training_table(runs: list[dict[str, Any]]) -> str:
             elif fig is None:
                 row.append("failed")
             else:
-                share = f" ({100 * fig['reward_final'] / ref:.0f}%)" if ref else ""
-                row.append(f"{fig['reward_initial']:.2f} -> {fig['reward_final']:.2f}{share}")
+                row.append(f"{fig['reward_initial']:.2f} -> {fig['reward_final']:.2f}{share_text(fig, ref)}")
         rows.append(row)
     return markdown_table(["attack", "f", *rules], rows)
 
@@ -387,7 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=None,
                         help="steps averaged for the first and last reward (default: 50; quick: 10%% of the steps); "
                              "with --from-json, recomputed from the stored curves")
-    parser.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS, default=None, help="default: all")
+    parser.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS + PROTOCOL_ATTACKS, default=None,
+                        help=f"default: all but the protocol liars ({', '.join(PROTOCOL_ATTACKS)})")
     parser.add_argument("--rules", nargs="+", default=None,
                         help=f"default: {' '.join(DEFAULT_RULES)}; {PLAIN_MEAN} is mean without quarantine or "
                              f"consensus check; {DEFAULTS} is the configuration's own aggregation section")

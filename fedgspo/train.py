@@ -356,12 +356,15 @@ class Trainer:
         if fed.is_leader:
             fed.compensate(update)
             apply_attack(self.attack, update, fed.site, step, group=fed.groups.cross)
-            report = robust_all_reduce(
-                update, rule, **agg.all_reduce_kwargs(), group=fed.groups.cross,
-                compression=fed.cfg.compression,
-                weights=weights, exclude=self.proof_failed,
-                authenticator=self.authenticator, step=step if self.authenticator else None,
-                tamper=protocol_tamper(self.attack, fed.site, step, group=fed.groups.cross))
+            try:
+                report = robust_all_reduce(
+                    update, rule, **agg.all_reduce_kwargs(), group=fed.groups.cross,
+                    compression=fed.cfg.compression,
+                    weights=weights, exclude=self.proof_failed,
+                    authenticator=self.authenticator, step=step if self.authenticator else None,
+                    tamper=protocol_tamper(self.attack, fed.site, step, group=fed.groups.cross))
+            except ValueError as err:  # raised alike on every leader: the exchange's own checks
+                raise ExchangeError(f"step {step}: {err}") from None
             fed.count_cross(update, agg.mode)
         report = fed.share(update, report)
         self.recorder.audit_auth_failures(report.auth_failed, step=step, mode=report.mode)
@@ -711,6 +714,11 @@ class ConsensusFailure(RuntimeError):
     """Too many ranks were flagged for the rule to produce a trustworthy update."""
 
 
+class ExchangeError(RuntimeError):
+    """The robust exchange refused a call on every participant: their metadata disagree (a
+    participant's wrong numel, dtype, f or configuration, e.g. a Byzantine one's: SECURITY.md)."""
+
+
 def console_line(record: dict, max_steps: int) -> str:
     line = (f"step {record['step'] + 1:>5}/{max_steps}  reward {record['reward_mean']:.3f} "
             f"± {record['reward_std']:.3f}  loss {record['loss']:+.4f}  clip {record['clip_frac']:.2f}  "
@@ -777,6 +785,11 @@ def main(argv: list[str] | None = None) -> int:
         # an explicit checkpoint.resume path that does not verify.
         print(f"fedgspo.train: error: {err}", file=sys.stderr)
         return 2
+    except (ConsensusFailure, ExchangeError) as err:
+        # Raised on every rank alike (with local steps, a site's other ranks then fail in the
+        # broadcast of the report: their leader's line names the cause).
+        print(f"fedgspo.train: error: {err}", file=sys.stderr)
+        return 1
     except Preempted as stop:
         if ctx.is_main:
             print(f"fedgspo.train: {stop}", file=sys.stderr)

@@ -188,3 +188,21 @@ def test_protocol_tamper_only_on_attacking_ranks():
     assert protocol_tamper(AttackConfig(kind="sign_flip", ranks=[2]), 2, step=0) is None
     with pytest.raises(ValueError, match="not a protocol-level attack"):
         ProtocolAttack("sign_flip", 1.0)
+
+
+@pytest.mark.slow
+def test_a_run_with_bad_metadata_stops_with_one_line_naming_the_disagreement(tmp_path):
+    """A participant that publishes a wrong metadata row stops the run at its first exchange
+    (as withholding a collective would): exit code 1, one line per rank, no traceback."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
+           "fedgspo.train", f"run.dir={tmp_path / 'r'}", "train.max_steps=3", "run.progress_bar=false",
+           "bookkeeping.enabled=false", "task.prompts_per_rank=2", "attack={kind: bad_metadata, ranks: [2]}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    # three ranks print at once: their lines may share a line of the captured stream
+    assert proc.stderr.count("fedgspo.train: error: step 0: robust_all_reduce: ranks disagree on numel "
+                             "(per rank: [132480, 132480, 132481])") == 3
+    assert "fedgspo/train.py\", line" not in proc.stderr  # only torchrun's own summary has a traceback
