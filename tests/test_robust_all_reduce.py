@@ -88,7 +88,9 @@ def test_every_mode_equals_the_single_process_rule(scenarios):
         # skews: cosine of x_i - a to the rows' coordinate-wise (population) standard deviation
         x = updates(d).double()
         spread, deviation = x.std(0, correction=0), x - expected.double()
-        skews = deviation @ spread / (deviation.norm(dim=1) * spread.norm())
+        distance = deviation.norm(dim=1)
+        skews = torch.where(distance > 1e-3 * distance[distance > 0].median(),
+                            deviation @ spread / (distance * spread.norm()), torch.zeros(WORLD, dtype=torch.float64))
         torch.testing.assert_close(torch.tensor(report.skews, dtype=torch.float64), skews, rtol=1e-3, atol=1e-3,
                                    msg=str(key))
 

@@ -94,6 +94,8 @@ MIN_SPREAD = 1e-6
 SKEW_BOUND: float | None = 0.5
 #: MAD floor of skews.
 SKEW_FLOOR = 0.1
+#: A rank within this fraction of the median distance to the aggregate has skew 0.
+NEAR_AGGREGATE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm
     and optionally ``spread_dots[i] = <x_i, s>``, ``<a, s>``, ``||s||^2`` for the skews.
 
     The distance is ``sqrt(||x_i||^2 - 2<x_i, a> + ||a||^2)`` (clamped at 0); the cosine of a
-    zero vector is 0, and so is the skew of a rank at distance 0 or of a zero spread. Nonfinite
+    zero vector is 0, and so is the skew of a zero spread or of a rank within
+    :data:`NEAR_AGGREGATE` of the median distance (at the aggregate). Nonfinite
     inputs give NaN/Inf statistics.
     """
     dots, sq_norms = dots.double().cpu(), sq_norms.double().cpu()
@@ -146,7 +149,12 @@ def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm
     if spread_dots is not None:
         spread_dots = spread_dots.double().cpu()
         skew_denom = dist * math.sqrt(max(spread_sq_norm, 0.0)) if math.isfinite(spread_sq_norm) else dist * math.nan
-        skew = torch.where(skew_denom > 0, (spread_dots - agg_spread_dot) / skew_denom, torch.zeros_like(dots))
+        # A rank (almost) at the aggregate (Krum's choice) has no direction to lean in; its
+        # distance from the sums is rounding, so its skew would be noise.
+        positive = dist[torch.isfinite(dist) & (dist > 0)]
+        near = dist <= NEAR_AGGREGATE * (positive.median() if positive.numel() else 0.0)
+        skew = torch.where((skew_denom > 0) & ~near, (spread_dots - agg_spread_dot) / skew_denom,
+                           torch.zeros_like(dots))
         skew = torch.where(finite & torch.isfinite(spread_dots), skew, torch.full_like(skew, math.nan))
         skews = skew.clamp(-1, 1).tolist()
     return RankStatistics(dist.tolist(), cos.clamp(-1, 1).tolist(), norms.tolist(), skews)
