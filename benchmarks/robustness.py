@@ -253,24 +253,42 @@ def with_window(runs: list[dict[str, Any]], window: int) -> list[dict[str, Any]]
     return out
 
 
-def with_shares(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_shares(runs: list[dict[str, Any]], ceilings: dict[int, float] | None = None) -> list[dict[str, Any]]:
     """``runs`` (one seed) with each finished run's final reward as a fraction of the clean run
-    of the same rule and seed (:func:`clean_reference`) in ``figures["shares"]`` (a list of one)."""
+    of the same rule and seed (:func:`clean_reference`) in ``figures["shares"]``, and, for an
+    attacked run with ``f`` in ``ceilings``, of that ceiling in ``figures["ceiling_shares"]``
+    (lists of one)."""
     out = []
     for run in runs:
         fig, ref = run["figures"], clean_reference(runs, run["rule"])
         if fig is not None:
-            fig = {**fig, "shares": [fig["reward_final"] / ref] if ref else []}
+            ceiling = (ceilings or {}).get(run["f"]) if run["attack"] is not None else None
+            fig = {**fig, "shares": [fig["reward_final"] / ref] if ref else [],
+                   "ceiling_shares": [fig["reward_final"] / ceiling] if ceiling else []}
         out.append({**run, "figures": fig})
     return out
 
 
-def average_seeds(seeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def read_ceilings(paths: list[Path], nproc: int) -> dict[int, dict[int, float]]:
+    """Per seed, per ``f``: the final reward of the clean ``default`` run with ``nproc - f``
+    ranks, from ``robustness.json`` files of clean runs (``--attacks`` with no attack)."""
+    out: dict[int, dict[int, float]] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        reward = clean_reference(data["runs"], DEFAULTS)
+        if reward is not None:
+            out.setdefault(data["settings"]["seed"], {})[nproc - data["settings"]["nproc"]] = reward
+    return out
+
+
+def average_seeds(seeds: list[list[dict[str, Any]]],
+                  ceilings: list[dict[int, float] | None] | None = None) -> list[dict[str, Any]]:
     """One run per cell from the runs of several seeds: rewards and curves averaged over the
     seeds whose run succeeded, flags pooled (precision and recall over all of them), skipped
-    steps summed, per-seed shares of the clean reward listed (:func:`with_shares`), ``seeds``
-    the number averaged. A single seed's runs are returned with their shares."""
-    seeds = [with_shares(runs) for runs in seeds]
+    steps summed, per-seed shares of the clean reward and of the ceiling (``ceilings[k]`` for
+    ``seeds[k]``) listed (:func:`with_shares`), ``seeds`` the number averaged. A single seed's
+    runs are returned with their shares."""
+    seeds = [with_shares(runs, (ceilings or [None] * len(seeds))[k]) for k, runs in enumerate(seeds)]
     if len(seeds) == 1:
         return seeds[0]
     by_cell: dict[str, list[dict[str, Any]]] = {}
@@ -307,6 +325,7 @@ def average_seeds(seeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "honest_quarantined": sorted({q for f in figs for q in f.get("honest_quarantined", [])}),
             "attackers_quarantined_at": [f.get("attackers_quarantined_at") for f in figs],
             "shares": [share for f in figs for share in f["shares"]],
+            "ceiling_shares": [share for f in figs for share in f["ceiling_shares"]],
         }})
     return merged
 
@@ -340,15 +359,21 @@ def clean_reference(runs: list[dict[str, Any]], rule: str) -> float | None:
     return clean[0]["figures"]["reward_final"] if clean else None
 
 
+def percent(shares: list[float]) -> str:
+    """``96%`` for one share, ``96% (90-99%)`` for several: their mean and range."""
+    if len(shares) == 1 or min(shares) == max(shares):
+        return f"{100 * shares[0]:.0f}%"
+    return f"{100 * statistics.mean(shares):.0f}% ({100 * min(shares):.0f}-{100 * max(shares):.0f}%)"
+
+
 def share_text(fig: dict[str, Any], ref: float | None) -> str:
-    """`` (96%)`` from one run, or `` (96%, 90-99%)``: the mean and range of the per-seed
-    shares when the runs of several seeds were averaged (:func:`average_seeds`)."""
-    shares = fig.get("shares") or []
-    if len(shares) > 1:
-        return f" ({100 * statistics.mean(shares):.0f}%, {100 * min(shares):.0f}-{100 * max(shares):.0f}%)"
-    if shares:
-        return f" ({100 * shares[0]:.0f}%)"
-    return f" ({100 * fig['reward_final'] / ref:.0f}%)" if ref else ""
+    """`` (96%)``: the final reward as a share of the clean run; over several seeds the mean and
+    range of the per-seed shares (:func:`average_seeds`); with a ceiling also its share of it."""
+    shares = fig.get("shares") or ([fig["reward_final"] / ref] if ref else [])
+    text = percent(shares) if shares else ""
+    if fig.get("ceiling_shares"):
+        text += f"; {percent(fig['ceiling_shares'])} of ceiling"
+    return f" ({text})" if text else ""
 
 
 def training_table(runs: list[dict[str, Any]]) -> str:
@@ -416,8 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=None,
                         help="steps averaged for the first and last reward (default: 50; quick: 10%% of the steps); "
                              "with --from-json, recomputed from the stored curves")
-    parser.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS + PROTOCOL_ATTACKS, default=None,
-                        help=f"default: all but the protocol liars ({', '.join(PROTOCOL_ATTACKS)})")
+    parser.add_argument("--attacks", nargs="*", choices=ALL_ATTACKS + PROTOCOL_ATTACKS, default=None,
+                        help=f"default: all but the protocol liars ({', '.join(PROTOCOL_ATTACKS)}); none given: "
+                             "the clean runs only (e.g. --nproc 3: the ceiling of 4 ranks less one attacker)")
     parser.add_argument("--rules", nargs="+", default=None,
                         help=f"default: {' '.join(DEFAULT_RULES)}; {PLAIN_MEAN} is mean without quarantine or "
                              f"consensus check; {DEFAULTS} is the configuration's own aggregation section")
@@ -434,6 +460,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=1, help="extra tries of a failed run (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the successful runs of <out>/robustness.json; run the rest")
+    parser.add_argument("--ceiling", type=Path, nargs="+", default=[],
+                        help="with --from-json: robustness.json files of clean runs with nproc - f ranks (one "
+                             "per seed and f): each attacked run is also reported as a share of that ceiling, "
+                             "the same training without the attackers' ranks")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None,
                         help="run nothing: print the tables and plot of earlier (possibly partial) robustness.json "
                              "files; several (other --seed runs of the matrix) are averaged cell by cell")
@@ -444,8 +474,8 @@ def matrix_of(args: argparse.Namespace) -> list[Cell]:
     """The cells the command line asks for (see :func:`parse_args`)."""
     if args.quick:
         return build_matrix(args.attacks or ["sign_flip"], args.rules or [PLAIN_MEAN, DEFAULTS], args.f or [1], False)
-    return build_matrix(args.attacks or ALL_ATTACKS, args.rules or DEFAULT_RULES, args.f or [1], args.f is None,
-                        args.nproc)
+    return build_matrix(ALL_ATTACKS if args.attacks is None else args.attacks, args.rules or DEFAULT_RULES,
+                        args.f or [1], args.f is None, args.nproc)
 
 
 def finished_runs(json_path: Path) -> dict[str, dict[str, Any]]:
@@ -490,8 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     Exit code 1 if a run failed."""
     args = parse_args(argv)
     if args.from_json:
-        seeds = [json.loads(path.read_text())["runs"] for path in args.from_json]
-        runs = average_seeds([with_window(r, args.window) for r in seeds] if args.window else seeds)
+        files = [json.loads(path.read_text()) for path in args.from_json]
+        seeds = [data["runs"] for data in files]
+        nproc = files[0]["settings"]["nproc"]
+        by_seed = read_ceilings(args.ceiling, nproc)
+        ceilings = [by_seed.get(data["settings"]["seed"]) for data in files]
+        runs = average_seeds([with_window(r, args.window) for r in seeds] if args.window else seeds, ceilings)
     else:
         json_path = args.out / "robustness.json"
         if args.window is None and not args.quick:
