@@ -31,8 +31,9 @@ typical), while ``mean - z * std`` has a skew near ``-1`` for any ``z`` that mov
 Both the absolute bound and the robust z-score must be exceeded: when attackers pull the
 aggregate, the honest ranks' skews lean the other way together (and stay close to each
 other). Limits: ``f`` colluders near half the ranks inflate the skews' MAD (three of eight at
-half a standard deviation are not flagged), and an attacker that shifts each coordinate by
-``+-z * std`` with signs of its own choosing has no skew (left to the other tests).
+half a standard deviation are not flagged; three ALIE colluders of eight in real runs were
+caught, then released once the honest skews scattered: benchmarks/README.md), and an attacker
+that shifts each coordinate by ``+-z * std`` with signs of its own choosing has no skew.
 
 **Adaptive floors.** With 8 ranks a MAD rests on four or five values, so it can be small by
 chance while an honest rank lies far out (honest GSPO gradients of small batches are heavy
