@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fedgspo.robust.all_reduce import robust_all_reduce
-from fedgspo.robust.shard_exchange import all_gather_single, publish
+from fedgspo.robust.shard_exchange import all_gather_single, publish, stats_width
 
 # (label, rule, f, mode, options); f is reduced to what the world size allows.
 CASES: list[tuple[str, str, int, str, dict[str, float | int]]] = [
@@ -88,7 +88,7 @@ def bench_size(d: int, reps: int, warmup: int) -> dict[str, dict[str, float]]:
     s = -(-d // n)
     send, recv = torch.randn(n * s), torch.empty(n * s)
     shard, out = torch.randn(s), torch.empty(n * s)
-    stats = torch.randn(3 * n + 3, dtype=torch.float64)
+    stats = torch.randn(stats_width(n), dtype=torch.float64)
 
     def floor() -> None:
         dist.all_to_all_single(recv, send)

@@ -121,6 +121,7 @@ from fedgspo.robust.shard_exchange import (
     post_rows,
     replicated,
     sharded,
+    split_stats,
 )
 
 MODES = ("sharded", "replicated", "audited")
@@ -368,8 +369,9 @@ def _judge(
 ) -> tuple[RobustReport, list[int]]:
     """Flags, exclusions and the consensus decision from the global per-rank sums."""
     n, keep = plan.n, plan.keep
-    stats = statistics_from_sums(sums[:n], sums[n : 2 * n], float(sums[2 * n]), sums[2 * n + 1 : 3 * n + 1],
-                                 float(sums[3 * n + 1]), float(sums[3 * n + 2]))
+    parts = split_stats(sums)
+    stats = statistics_from_sums(parts.dots, parts.sq_norms, float(parts.agg_sq_norm), parts.spread_dots,
+                                 float(parts.agg_spread_dot), float(parts.spread_sq_norm))
     det = detect(stats, z_threshold, skew_bound=skew_bound)
     flagged = sorted(set(det.flagged) | set(plan.nonfinite) | set(plan.auth_failed))
     reason = ""
@@ -383,7 +385,7 @@ def _judge(
             f"{len(suspicious)} aggregated ranks flagged ({suspicious}) "
             f"but {plan.agg.spec()} tolerates f={plan.agg.f}"
         )
-    if not reason and not torch.isfinite(sums[2 * n]):
+    if not reason and not torch.isfinite(parts.agg_sq_norm).all():
         reason = "the aggregate is not finite"
     report = RobustReport(
         distances=stats.distances,

@@ -75,7 +75,7 @@ from fedgspo.robust.detection import (
     COSINE_BOUND, DEFAULT_THRESHOLD, SKEW_BOUND, PersistentDeviation, RankStatistics, detect,
     statistics_from_sums)
 from fedgspo.robust.reputation import PersistenceConfig
-from fedgspo.robust.shard_exchange import ProtocolTamper
+from fedgspo.robust.shard_exchange import ProtocolTamper, split_stats
 
 #: First attacking step of ``sleeper`` when ``start_step`` is not given.
 SLEEPER_START = 100
@@ -356,9 +356,9 @@ class ProtocolAttack(ProtocolTamper):
 
     def statistics(self, stats: torch.Tensor) -> None:
         if self.kind == "lie_stats":
-            n = (stats.numel() - 3) // 3
-            if self.target < n:
-                stats[n + self.target] *= self.strength**2
+            sq_norms = split_stats(stats).sq_norms
+            if self.target < sq_norms.numel():
+                sq_norms[self.target] *= self.strength**2
 
     def vote(self, vote: float) -> float:
         if self.kind == "lie_vote":

@@ -99,7 +99,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -213,21 +213,48 @@ Verify = Callable[[torch.Tensor, torch.Tensor], list[int]]
 Exchanged = tuple[V | None, torch.Tensor | None, AuditOutcome, AggregationPlan]
 
 
+def kept_rows(stack: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """The ``keep`` rows of ``stack`` (``stack`` itself when every row is kept)."""
+    return stack if len(keep) == stack.shape[0] else stack.index_select(0, torch.tensor(keep, device=stack.device))
+
+
 def aggregate_rows(plan: AggregationPlan, stack: torch.Tensor, keep: list[int], ctx: ShardContext) -> torch.Tensor:
     """The rule on the ``keep`` rows of ``stack`` (weights passed to rules that use them)."""
-    rows = stack if len(keep) == plan.n else stack.index_select(0, torch.tensor(keep, device=stack.device))
     w = plan.weights[keep] if plan.agg.supports_weights else None
-    return plan.agg.aggregate(rows, ctx, w)
+    return plan.agg.aggregate(kept_rows(stack, keep), ctx, w)
+
+
+class StatSums(NamedTuple):
+    """The parts of a :func:`partial_stats` vector (views: writing one writes the vector)."""
+
+    dots: torch.Tensor  # <x_i, a>
+    sq_norms: torch.Tensor  # ||x_i||^2
+    agg_sq_norm: torch.Tensor  # ||a||^2 (one element)
+    spread_dots: torch.Tensor  # <x_i, s>
+    agg_spread_dot: torch.Tensor  # <a, s> (one element)
+    spread_sq_norm: torch.Tensor  # ||s||^2 (one element)
+
+
+def stats_width(n: int) -> int:
+    """Entries of a :func:`partial_stats` vector for ``n`` ranks."""
+    return 3 * n + 3
+
+
+def split_stats(stats: torch.Tensor) -> StatSums:
+    """``stats`` (one :func:`partial_stats` vector, or their sum) cut into its parts."""
+    n = (stats.numel() - 3) // 3
+    return StatSums(stats[:n], stats[n : 2 * n], stats[2 * n : 2 * n + 1], stats[2 * n + 1 : 3 * n + 1],
+                    stats[3 * n + 1 : 3 * n + 2], stats[3 * n + 2 :])
 
 
 def partial_stats(stack: torch.Tensor, agg: torch.Tensor, keep: list[int]) -> torch.Tensor:
     """float64 ``[<x_i, a>]_i ++ [||x_i||^2]_i ++ [||a||^2] ++ [<x_i, s>]_i ++ [<a, s>, ||s||^2]``
-    over the columns held, where ``s`` is the coordinate-wise standard deviation of the ``keep``
-    rows (the spread an in-spread attack moves along; :mod:`fedgspo.robust.detection`)."""
+    over the columns held (:class:`StatSums`), where ``s`` is the coordinate-wise standard
+    deviation of the ``keep`` rows (the spread an in-spread attack moves along;
+    :mod:`fedgspo.robust.detection`)."""
     dots = (stack @ agg).double()
     sq = torch.linalg.vector_norm(stack, dim=1).double().square()
-    rows = stack if len(keep) == stack.shape[0] else stack.index_select(0, torch.tensor(keep, device=stack.device))
-    spread = rows.std(0, correction=0) if len(keep) else torch.zeros_like(agg)
+    spread = kept_rows(stack, keep).std(0, correction=0) if keep else torch.zeros_like(agg)
     spread_dots = (stack @ spread).double()
     tail = torch.stack([torch.dot(agg, spread), torch.dot(spread, spread)]).double()
     return torch.cat([dots, sq, torch.dot(agg, agg).double().reshape(1), spread_dots, tail])
@@ -306,9 +333,8 @@ def stats_agree(claim: torch.Tensor, check: torch.Tensor) -> bool:
     for ``<x_i, a>`` (``||x_i|| ||s||``, ``||a|| ||s||`` for those with ``s``), the value itself
     for the squared norms (one rank's huge update does not
     widen the tolerance on the others')."""
-    n = (check.numel() - 3) // 3
-    b = check.double().abs()
-    sq, agg_sq, spread_sq = b[n : 2 * n], b[2 * n : 2 * n + 1], b[-1:]
+    b = split_stats(check.double().abs())
+    sq, agg_sq, spread_sq = b.sq_norms, b.agg_sq_norm, b.spread_sq_norm
     return agrees(claim, check, torch.cat([(sq * agg_sq).sqrt(), sq, agg_sq, (sq * spread_sq).sqrt(),
                                            (agg_sq * spread_sq).sqrt(), spread_sq]))
 
@@ -456,7 +482,7 @@ def sent_bytes(layout: Layout, n: int) -> int:
     transport framing are not."""
     if n <= 1:
         return 0
-    small = (n - 1) * (3 * n + 10) * 8
+    small = (n - 1) * (7 + stats_width(n)) * 8
     size = torch.empty((), dtype=layout.dtype).element_size()
     if layout.mode == "replicated":
         payload = payload_numel("int8", layout.numel) if layout.codec == "int8" else layout.numel * size
