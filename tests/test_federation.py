@@ -86,7 +86,7 @@ def test_error_feedback_loses_nothing_in_the_long_run():
 
 def test_sent_bytes_of_the_layouts():
     n, d = 4, 10_000
-    small = (n - 1) * (3 * n + 10) * 8
+    small = (n - 1) * (7 + 3 * n + 2) * 8  # metadata row, statistics (3n + 2)
     assert sent_bytes(Layout("sharded", d, torch.float32), n) == 2 * (n - 1) * 2500 * 4 + small
     assert sent_bytes(Layout("sharded", d, torch.bfloat16), n) == 2 * (n - 1) * 2500 * 2 + small
     assert sent_bytes(Layout("replicated", d, torch.float32, "int8"), n) == (n - 1) * (d + 4 * 40) + small

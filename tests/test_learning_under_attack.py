@@ -18,6 +18,7 @@ from dist_helpers import run_ranks
 from fedgspo.config import load_config
 from fedgspo.robust.attacks import ATTACKS, SLEEPER_START, AttackConfig, apply_attack
 from fedgspo.robust.detection import detect, statistics_from_sums
+from fedgspo.robust.shard_exchange import partial_stats, split_stats
 
 ADAPTIVE = ("stealth", "alternating", "sleeper", "collusion")
 
@@ -64,10 +65,9 @@ def _colluding_runs(rank: int, world_size: int, steps: int) -> dict[str, list[di
             gathered = [torch.empty_like(g) for _ in range(world_size)]
             torch.distributed.all_gather(gathered, g)
             stack = torch.stack(gathered).double()
-            agg = stack.median(0).values
-            spread = stack.std(0, correction=0)
-            stats = statistics_from_sums(stack @ agg, (stack * stack).sum(1), float(agg @ agg), stack @ spread,
-                                         float(agg @ spread), float(spread @ spread))
+            sums = split_stats(partial_stats(stack, stack.median(0).values, list(range(world_size))))
+            stats = statistics_from_sums(sums.dots, sums.sq_norms, float(sums.agg_sq_norm), sums.sign_sums,
+                                         float(sums.spread_count))
             out[kind].append({"sent": g, "honest": honest, "flagged": detect(stats).flagged})
     return out
 
@@ -88,12 +88,13 @@ def test_colluding_adaptive_attacks():
                 assert torch.nn.functional.cosine_similarity(a, honest_mean, dim=0) < -0.99
             else:
                 assert not {3, 4} & set(runs[0][kind][step]["flagged"])
-    # Staying under the skew test leaves stealth a shift of a few hundredths of the honest spread
+    # Any shift along ALIE's direction lies below the aggregate in every column (skew -1), so
+    # staying under the skew test leaves stealth no shift at all: it sends the honest mean
     # (ALIE's default is 1.1 standard deviations at this size).
     for s in range(steps):
         honest = torch.stack([runs[r]["stealth"][s]["honest"] for r in range(3)])
         shift = runs[3]["stealth"][s]["sent"] - honest.mean(0)
-        assert 0 < float(shift.norm()) < 0.1 * float(honest.std(0).norm())
+        assert float(shift.norm()) < 1e-4 * float(honest.std(0).norm())
 
 
 def _train(tmp_path: Path, name: str, steps: int, *extra: str) -> list[dict]:

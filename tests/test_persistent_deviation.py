@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgspo.robust.detection import PersistentDeviation
+from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND, SKEW_FLOOR, PersistentDeviation, robust_z
 from fedgspo.robust.reputation import PersistenceConfig, ReputationConfig, ReputationTracker
 from fedgspo.robust.all_reduce import RobustReport
 
@@ -153,3 +153,55 @@ def test_log_ratio_cap_bounds_one_heavy_step_but_not_a_persistent_scale():
     assert _feed(PersistentDeviation(4), 40, spike_at=12, scale=1.0) == {3}  # one step: flagged for a while
     assert _feed(PersistentDeviation(4, log_ratio_cap=1.386), 40, spike_at=12, scale=1.0) == set()
     assert _feed(PersistentDeviation(4, log_ratio_cap=1.386), 40, spike_at=None, scale=10.0) == {3}
+
+
+def skewed_run(steps: int, lean: float, colluders: int, offsets: list[float] | None = None,
+               seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Honest per-step skews ~ N(offset, 0.1) (as wide as the honest skews of a run damaged by
+    attackers, up to +-0.24; +-0.012 in clean runs),
+    ``colluders`` ranks at ``lean`` +- 0.05 with their cosines and norms honest. Returns the
+    across-step flags and the ranks the per-step skew test (:func:`detect`'s rule) would flag."""
+    rng, det = random.Random(seed), PersistentDeviation(N)
+    offsets = offsets or [0.0] * N
+    flags, per_step = [], []
+    for _ in range(steps):
+        cos, norms = honest_step(rng)
+        skews = [rng.gauss(offsets[i], 0.1) for i in range(N)]
+        for i in range(N - colluders, N):
+            skews[i] = rng.gauss(lean, 0.05)
+        z = robust_z(skews, floor=SKEW_FLOOR)
+        per_step.append([i for i in range(N) if abs(skews[i]) > SKEW_BOUND and abs(z[i]) > DEFAULT_THRESHOLD])
+        flags.append(det.update(cos, norms, skews))
+    return flags, per_step
+
+
+@pytest.mark.parametrize("lean", [-0.5, 0.3])
+def test_colluders_that_lean_along_the_spread_are_flagged_by_their_averaged_skew(lean):
+    """Three colluders of eight whose single-step skews are inside the honest scatter (the
+    per-step test misses them on most steps) are flagged on every step after warm-up."""
+    flags, per_step = skewed_run(80, lean, colluders=3)
+    colluders = list(range(N - 3, N))
+    assert sum(set(colluders) <= set(p) for p in per_step) < 0.2 * len(per_step)
+    assert not any(flags[:9])
+    assert all(f == colluders for f in flags[20:]), flags[20:]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_honest_skews_with_small_persistent_offsets_are_never_flagged(seed):
+    """Per-rank offsets up to +-0.06 (the largest averaged honest skew of the demo task's runs)."""
+    offsets = [random.Random(seed).uniform(-0.06, 0.06) for _ in range(N)]
+    flags, _ = skewed_run(300, 0.0, colluders=0, offsets=offsets, seed=seed)
+    assert not any(flags)
+
+
+def test_a_zero_update_folds_a_skew_of_zero_and_old_states_load():
+    det = PersistentDeviation(4, warmup=1)
+    det.update([0.5] * 4, [1.0, 1.0, 1.0, 0.0], [0.2, 0.2, 0.2, -1.0])
+    assert det.skew_ema[3] == 0.0 and det.skew_ema[0] > 0
+    state = det.state_dict()
+    del state["skew_ema"]
+    fresh = PersistentDeviation(4)
+    fresh.load_state_dict(state)
+    assert fresh.skew_ema == [0.0] * 4 and fresh.updates == det.updates
+    with pytest.raises(ValueError, match="skews"):
+        det.update([0.5] * 4, [1.0] * 4, [0.0])

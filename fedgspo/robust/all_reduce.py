@@ -146,7 +146,7 @@ class RobustReport:
         flagged: ranks flagged as outliers or nonfinite (sorted).
         cosines: cosine of ``x_i`` to ``a``; ``z_cosine`` their robust z-scores.
         norms: ``||x_i||``; ``z_norm`` robust z-scores of the log norms.
-        skews: cosine of ``x_i - a`` to the coordinate-wise spread of the aggregated updates;
+        skews: mean over the columns where the aggregated updates differ of ``sign(x_ij - a_j)``;
             ``z_skew`` their robust z-scores (see :mod:`fedgspo.robust.detection`).
         nonfinite: ranks whose update had NaN/Inf (always flagged, never aggregated).
         excluded: ranks left out of the aggregate (requested, weight 0, nonfinite, or
@@ -370,8 +370,8 @@ def _judge(
     """Flags, exclusions and the consensus decision from the global per-rank sums."""
     n, keep = plan.n, plan.keep
     parts = split_stats(sums)
-    stats = statistics_from_sums(parts.dots, parts.sq_norms, float(parts.agg_sq_norm), parts.spread_dots,
-                                 float(parts.agg_spread_dot), float(parts.spread_sq_norm))
+    stats = statistics_from_sums(parts.dots, parts.sq_norms, float(parts.agg_sq_norm), parts.sign_sums,
+                                 float(parts.spread_count))
     det = detect(stats, z_threshold, skew_bound=skew_bound)
     flagged = sorted(set(det.flagged) | set(plan.nonfinite) | set(plan.auth_failed))
     reason = ""

@@ -27,7 +27,9 @@ Adaptive attacks, which play against the defences rather than past them:
   (:class:`~fedgspo.robust.detection.PersistentDeviation` with its defaults, over all steps
   and per phase of ``phases`` updates per rollout) would not flag at ``strength`` times the
   default threshold (the cosine bound scaled alike). It measures against the honest mean as
-  a stand-in for the aggregate (and the spread of all updates sent for the skew test); colluding.
+  a stand-in for the aggregate; colluding. Against the skew test any ``lam > 0`` lies below
+  that mean in every column (skew -1), so with the default skew bound it sends the honest
+  mean itself.
 * ``alternating`` [1]: ``-strength * g`` on every other step from ``start_step`` on (the
   second, fourth, ...), honest on the others, so that it halves its averages across steps.
 * ``sleeper`` [1]: honest until ``start_step`` (default :data:`SLEEPER_START` for this kind),
@@ -235,25 +237,28 @@ def _stealth(cfg: AttackConfig, honest: torch.Tensor, n: int, fraction: float, s
     rows = honest.double()
     mean = rows.mean(0)
     std = rows.std(0, correction=1 if honest.shape[0] > 1 else 0)
-    mm, ms, ss = float(mean @ mean), float(mean @ std), float(std @ std)
-    honest_dots, honest_sq = rows @ mean, (rows ** 2).sum(1)
-    row_sum, row_sq_sum, f = rows.sum(0), (rows ** 2).sum(0), n - rows.shape[0]
     keys = (-1,) if cfg.phases == 1 else (-1, step % cfg.phases)
     for key in keys:
         if key not in cfg._shadows or len(cfg._shadows[key].updates) != n:
             cfg._shadows[key] = PersistentDeviation(n, log_ratio_cap=PersistenceConfig().log_ratio_cap)
 
+    # What does not depend on lam: the honest rows' sums against the honest mean (the
+    # stand-in aggregate), their signs and the columns in which they differ.
+    honest_dots, honest_sq, mm = rows @ mean, (rows ** 2).sum(1), float(mean @ mean)
+    honest_differ = (rows != rows[:1]).any(0)
+    above, below = rows > mean, rows < mean
+
     def statistics(lam: float) -> RankStatistics:
-        """Every rank's statistics against the honest mean when the attackers send ``mean - lam * std``."""
-        dots = torch.full((n,), mm - lam * ms, dtype=torch.float64)
-        sq = torch.full((n,), max(mm - 2 * lam * ms + lam * lam * ss, 0.0), dtype=torch.float64)
-        dots[honest_ranks], sq[honest_ranks] = honest_dots, honest_sq
-        # the coordinate-wise spread of every rank's update (the detector's skew statistic)
+        """Every rank's statistics against the honest mean when the attackers send ``mean - lam * std``
+        (the sums of :func:`~fedgspo.robust.shard_exchange.partial_stats`, by parts)."""
         sent = mean - lam * std
-        spread = ((row_sq_sum + f * sent ** 2) / n - ((row_sum + f * sent) / n) ** 2).clamp_min(0).sqrt()
-        spread_dots = torch.full((n,), float(sent @ spread), dtype=torch.float64)
-        spread_dots[honest_ranks] = rows @ spread
-        return statistics_from_sums(dots, sq, mm, spread_dots, float(mean @ spread), float(spread @ spread))
+        spread = honest_differ | (sent != rows[0])
+        signs = torch.full((n,), float(torch.sign(sent - mean)[spread].sum()), dtype=torch.float64)
+        signs[honest_ranks] = ((above & spread).sum(1) - (below & spread).sum(1)).double()
+        dots = torch.full((n,), float(sent @ mean), dtype=torch.float64)
+        sq = torch.full((n,), float(sent @ sent), dtype=torch.float64)
+        dots[honest_ranks], sq[honest_ranks] = honest_dots, honest_sq
+        return statistics_from_sums(dots, sq, mm, signs, float(spread.sum()))
 
     def unseen(lam: float) -> bool:
         stats = statistics(lam)
@@ -263,7 +268,7 @@ def _stealth(cfg: AttackConfig, honest: torch.Tensor, n: int, fraction: float, s
         for key in keys:
             shadow = copy.deepcopy(cfg._shadows[key])
             shadow.threshold, shadow.warmup = fraction * shadow.threshold, 1
-            flagged |= set(shadow.update(stats.cosines, stats.norms))
+            flagged |= set(shadow.update(stats.cosines, stats.norms, stats.skews))
         return not set(cfg.ranks) & flagged
 
     lo, hi = 0.0, STEALTH_MAX_LAM
@@ -275,7 +280,7 @@ def _stealth(cfg: AttackConfig, honest: torch.Tensor, n: int, fraction: float, s
             lo, hi = (mid, hi) if unseen(mid) else (lo, mid)
     sent = statistics(lo)
     for key in keys:
-        cfg._shadows[key].update(sent.cosines, sent.norms)
+        cfg._shadows[key].update(sent.cosines, sent.norms, sent.skews)
     return (mean - lo * std).to(honest.dtype)
 
 

@@ -24,16 +24,21 @@ cannot pull a robust aggregate. The absolute cosine bound still applies to it.
 still move a coordinate-wise rule by a fraction of the honest standard deviation in every
 coordinate, all in one direction (ALIE's ``mean - z * std``; a threshold-aware attacker); an
 adaptive optimizer turns that persistent per-coordinate bias into a persistent step. The skew
-of rank ``i`` is the cosine of ``x_i - a`` to ``s``, the coordinate-wise standard deviation of
-the aggregated updates (``s >= 0``): honest noise is symmetric around the centre, so honest
-skews scatter around 0 (|skew| at most 0.26 over 1200 rank-steps of a clean 4-rank run; 0.05
-typical), while ``mean - z * std`` has a skew near ``-1`` for any ``z`` that moves the rule.
-Both the absolute bound and the robust z-score must be exceeded: when attackers pull the
-aggregate, the honest ranks' skews lean the other way together (and stay close to each
-other). Limits: ``f`` colluders near half the ranks inflate the skews' MAD (three of eight at
-half a standard deviation are not flagged; three ALIE colluders of eight in real runs were
-caught, then released once the honest skews scattered: benchmarks/README.md), and an attacker
-that shifts each coordinate by ``+-z * std`` with signs of its own choosing has no skew.
+of rank ``i`` is the mean of ``sign(x_ij - a_j)`` over the *spread columns* ``j``, those in
+which the aggregated updates are not all equal. In each column a median or trimmed mean has as
+many honest ranks above it as below, so an honest rank's signs cancel over the columns and its
+skew is a few thousandths (|skew| at most 0.012 over 2400 rank-steps of a clean 8-rank run of
+the demo task), while ``mean - z * std`` lies below the aggregate in nearly every column: skew
+near ``-1`` for any ``z`` that moves the rule. Signs, not magnitudes: the cosine of ``x_i - a``
+to the spread, measured before, rested on the few heavy-tailed columns that dominate a GSPO
+gradient and scattered honest ranks up to +-0.9 once training had been damaged. Both the
+absolute bound and the robust z-score must be exceeded: when attackers pull the aggregate,
+the honest ranks' skews lean the other way together. Limits: ``f`` colluders near half the
+ranks that are still aggregated pull the aggregate so far that honest ranks of different
+noise scales lean by different amounts, and a single step does not single them out (three of
+eight); once quarantined, they are flagged on every step, so the quarantine is not lifted, and
+the across-step averages flag them too. An attacker that shifts each coordinate by
+``+-z * std`` with signs of its own choosing has no skew.
 
 **Adaptive floors.** With 8 ranks a MAD rests on four or five values, so it can be small by
 chance while an honest rank lies far out (honest GSPO gradients of small batches are heavy
@@ -65,9 +70,11 @@ detection section of ``benchmarks/README.md``. ``zero`` is deliberately never fl
 
 **Across steps** (:class:`PersistentDeviation`): an attacker that repeats itself is found by
 its averages even when each single step is within the honest spread. Per rank it keeps an EMA
-of the cosine to the aggregate and of the log norm relative to the step's median log norm,
-and flags ranks whose EMA is a robust outlier among the ranks' EMAs (the honest EMAs
-concentrate as noise averages out), after a warm-up of ``warmup`` steps per rank.
+of the cosine to the aggregate, of the log norm relative to the step's median log norm and of
+the skew, and flags ranks whose EMA is a robust outlier among the ranks' EMAs (the honest EMAs
+concentrate as noise averages out), after a warm-up of ``warmup`` steps per rank. The averaged
+skews are compared about the shortest half of the ranks' values (:func:`shorth_z`), which
+colluders just short of half the ranks cannot widen the way they widen a MAD.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
+
+from fedgspo.robust.shard_exchange import partial_stats, split_stats
 
 #: Scales the MAD of Gaussian data to its standard deviation's z-score.
 MAD_TO_Z = 0.6745
@@ -95,8 +104,10 @@ MIN_SPREAD = 1e-6
 SKEW_BOUND: float | None = 0.5
 #: MAD floor of skews.
 SKEW_FLOOR = 0.1
-#: A rank within this fraction of the median distance to the aggregate has skew 0.
-NEAR_AGGREGATE = 1e-3
+#: Averaged skews beyond +-this (and robust z-score outliers) are flagged by the across-step test.
+PERSISTENT_SKEW_BOUND = 0.1
+#: MAD floor of averaged skews.
+PERSISTENT_SKEW_FLOOR = 0.02
 
 
 @dataclass(frozen=True)
@@ -128,15 +139,14 @@ class Detection:
 
 
 def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm: float,
-                         spread_dots: torch.Tensor | None = None, agg_spread_dot: float = 0.0,
-                         spread_sq_norm: float = 0.0) -> RankStatistics:
+                         sign_sums: torch.Tensor | None = None, spread_count: float = 0.0) -> RankStatistics:
     """Statistics from global sums: ``dots[i] = <x_i, a>``, ``sq_norms[i] = ||x_i||^2``, ``||a||^2``,
-    and optionally ``spread_dots[i] = <x_i, s>``, ``<a, s>``, ``||s||^2`` for the skews.
+    and optionally for the skews ``sign_sums[i]``, the sum of ``sign(x_ij - a_j)`` over the
+    ``spread_count`` columns in which the aggregated rows differ.
 
     The distance is ``sqrt(||x_i||^2 - 2<x_i, a> + ||a||^2)`` (clamped at 0); the cosine of a
-    zero vector is 0, and so is the skew of a zero spread or of a rank within
-    :data:`NEAR_AGGREGATE` of the median distance (at the aggregate). Nonfinite
-    inputs give NaN/Inf statistics.
+    zero vector is 0; the skew is ``sign_sums[i] / spread_count`` (0 without spread columns).
+    Nonfinite inputs give NaN/Inf statistics.
     """
     dots, sq_norms = dots.double().cpu(), sq_norms.double().cpu()
     dist = (sq_norms - 2 * dots + agg_sq_norm).clamp_min(0).sqrt()
@@ -147,16 +157,10 @@ def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm
     finite = torch.isfinite(sq_norms) & torch.isfinite(dots)
     cos = torch.where(finite, cos, torch.full_like(cos, math.nan))
     skews: list[float] = []
-    if spread_dots is not None:
-        spread_dots = spread_dots.double().cpu()
-        skew_denom = dist * math.sqrt(max(spread_sq_norm, 0.0)) if math.isfinite(spread_sq_norm) else dist * math.nan
-        # A rank (almost) at the aggregate (Krum's choice) has no direction to lean in; its
-        # distance from the sums is rounding, so its skew would be noise.
-        positive = dist[torch.isfinite(dist) & (dist > 0)]
-        near = dist <= NEAR_AGGREGATE * (positive.median() if positive.numel() else 0.0)
-        skew = torch.where((skew_denom > 0) & ~near, (spread_dots - agg_spread_dot) / skew_denom,
-                           torch.zeros_like(dots))
-        skew = torch.where(finite & torch.isfinite(spread_dots), skew, torch.full_like(skew, math.nan))
+    if sign_sums is not None:
+        sign_sums = sign_sums.double().cpu()
+        skew = sign_sums / spread_count if spread_count > 0 else torch.zeros_like(sign_sums)
+        skew = torch.where(finite & torch.isfinite(sign_sums), skew, torch.full_like(skew, math.nan))
         skews = skew.clamp(-1, 1).tolist()
     return RankStatistics(dist.tolist(), cos.clamp(-1, 1).tolist(), norms.tolist(), skews)
 
@@ -173,6 +177,25 @@ def robust_z(values: list[float], floor: float = 0.0, rel_floor: float = 0.0) ->
     med = statistics.median(good)
     mad = max(statistics.median(abs(v - med) for v in good), floor, rel_floor * abs(med), 1e-12)
     return [MAD_TO_Z * (v - med) / mad if math.isfinite(v) else math.nan for v in values]
+
+
+def shorth_z(values: list[float], floor: float = 0.0) -> list[float]:
+    """Robust z-scores ``0.6745 (v - c) / w`` about the shortest half: ``c`` and ``w`` are the
+    midpoint and half-width of the shortest interval holding ``n // 2 + 1`` of the finite values
+    (``w`` at least ``max(floor, 1e-12)``); NaN for nonfinite values.
+
+    Like the MAD, the half-width estimates ``0.6745`` standard deviations of Gaussian data, but
+    the interval need not be centred at the median: ``f`` colluders just short of half the
+    values pull the median to the edge of the honest cluster and widen its MAD to the honest
+    cluster's largest deviations, while the shortest half stays inside the honest cluster."""
+    good = sorted(v for v in values if math.isfinite(v))
+    if not good:
+        return [math.nan] * len(values)
+    h = len(good) // 2 + 1 if len(good) > 1 else 1
+    lo = min(range(len(good) - h + 1), key=lambda i: good[i + h - 1] - good[i])
+    centre, half = (good[lo] + good[lo + h - 1]) / 2, (good[lo + h - 1] - good[lo]) / 2
+    scale = max(half, floor, 1e-12)
+    return [MAD_TO_Z * (v - centre) / scale if math.isfinite(v) else math.nan for v in values]
 
 
 def _log(values: list[float]) -> list[float]:
@@ -287,38 +310,50 @@ def detect(
 class PersistentDeviation:
     """Flag ranks whose *average* behaviour deviates, step after step (module docstring).
 
-    Per rank: ``c <- decay c + (1 - decay) cos_i`` and ``l <- decay l + (1 - decay)
-    (log ||x_i|| - median_j log ||x_j||)`` (clipped to ``+-log_ratio_cap`` when set),
-    bias-corrected like Adam's moments; nonfinite
-    statistics leave a rank's averages unchanged. From ``warmup`` updates on, rank ``i`` is
-    flagged when the robust z-score of its ``c`` among all ranks' is below ``-threshold``
-    (opposes or ignores the common direction) or that of its ``l`` is above ``threshold``
-    (persistently larger). MAD floors ``cosine_floor`` and ``log_floor`` keep close honest
-    averages from making tiny differences significant. State is plain data, identical on
-    every rank when fed identical reports (:meth:`state_dict` for checkpoints).
+    Per rank: ``c <- decay c + (1 - decay) cos_i``, ``l <- decay l + (1 - decay)
+    (log ||x_i|| - median_j log ||x_j||)`` (clipped to ``+-log_ratio_cap`` when set) and, when
+    skews are given, ``k <- decay k + (1 - decay) skew_i`` (a zero update folds in 0), all
+    bias-corrected like Adam's moments; nonfinite statistics leave a rank's averages unchanged.
+    From ``warmup`` updates on, rank ``i`` is flagged when the robust z-score of its ``c`` among
+    all ranks' is below ``-threshold`` (opposes or ignores the common direction), that of its
+    ``l`` is above ``threshold`` (persistently larger), or its ``|k|`` exceeds ``skew_bound``
+    and the z-score of ``k`` is beyond ``+-threshold`` (leans one way along the spread, step
+    after step: honest skews average out to a few hundredths). MAD floors ``cosine_floor``,
+    ``log_floor`` and ``skew_floor`` keep close honest averages from making tiny differences
+    significant. State is plain data, identical on every rank when fed identical reports
+    (:meth:`state_dict` for checkpoints).
     """
 
     def __init__(self, world_size: int, decay: float = 0.95, threshold: float = DEFAULT_THRESHOLD,
                  warmup: int = 10, cosine_floor: float = 0.05, log_floor: float = 0.2,
-                 log_ratio_cap: float | None = None) -> None:
+                 log_ratio_cap: float | None = None, skew_bound: float = PERSISTENT_SKEW_BOUND,
+                 skew_floor: float = PERSISTENT_SKEW_FLOOR) -> None:
         self.decay, self.threshold, self.warmup = decay, threshold, warmup
         self.cosine_floor, self.log_floor, self.log_ratio_cap = cosine_floor, log_floor, log_ratio_cap
+        self.skew_bound, self.skew_floor = skew_bound, skew_floor
         self.cosine_ema = [0.0] * world_size
         self.log_norm_ema = [0.0] * world_size
+        self.skew_ema = [0.0] * world_size
         self.updates = [0] * world_size
 
-    def update(self, cosines: list[float], norms: list[float]) -> list[int]:
-        """Fold one step's statistics in; the ranks flagged after it (sorted).
+    def update(self, cosines: list[float], norms: list[float], skews: list[float] | None = None) -> list[int]:
+        """Fold one step's statistics in; the ranks flagged after it (sorted). ``skews``: one
+        per rank, or None/empty (not measured: the skew averages stay as they are).
 
-        Raises ``ValueError`` when the lists do not have one entry per rank."""
+        Raises ``ValueError`` when a list does not have one entry per rank."""
         n = len(self.updates)
-        if len(cosines) != n or len(norms) != n:
-            raise ValueError(f"expected {n} cosines and norms, got {len(cosines)} and {len(norms)}")
+        skews = skews or None
+        if len(cosines) != n or len(norms) != n or (skews is not None and len(skews) != n):
+            raise ValueError(f"expected {n} cosines, norms and skews, got {len(cosines)}, {len(norms)} "
+                             f"and {len(skews or [])}")
         log_norms = _log(norms)
-        finite = [math.isfinite(c) and math.isfinite(v) for c, v in zip(cosines, log_norms)]
+        finite = [math.isfinite(c) and math.isfinite(v) and (skews is None or math.isfinite(skews[i]))
+                  for i, (c, v) in enumerate(zip(cosines, log_norms))]
         if not any(finite):
             return []
         median = statistics.median(v for v, ok in zip(log_norms, finite) if ok)
+        positive = [v for v, ok in zip(norms, finite) if ok and v > 0]
+        zero_below = 1e-3 * statistics.median(positive) if positive else math.inf
         d = self.decay
         for i in range(n):
             if finite[i]:
@@ -327,26 +362,36 @@ class PersistentDeviation:
                 if self.log_ratio_cap is not None:
                     ratio = max(-self.log_ratio_cap, min(self.log_ratio_cap, ratio))
                 self.log_norm_ema[i] = d * self.log_norm_ema[i] + (1 - d) * ratio
+                if skews is not None:
+                    skew = skews[i] if norms[i] > zero_below else 0.0
+                    self.skew_ema[i] = d * self.skew_ema[i] + (1 - d) * skew
                 self.updates[i] += 1
         ready = [i for i in range(n) if self.updates[i] >= self.warmup]
         if len(ready) < 3:  # no majority to compare with
             return []
-        cos = [self.cosine_ema[i] / (1 - d ** self.updates[i]) for i in ready]
-        log = [self.log_norm_ema[i] / (1 - d ** self.updates[i]) for i in ready]
+        corrections = [1 - d ** self.updates[i] for i in ready]
+        cos = [self.cosine_ema[i] / c for i, c in zip(ready, corrections)]
+        log = [self.log_norm_ema[i] / c for i, c in zip(ready, corrections)]
+        skew = [self.skew_ema[i] / c for i, c in zip(ready, corrections)]
         z_c = robust_z(cos, floor=self.cosine_floor)
         z_l = robust_z(log, floor=self.log_floor)
-        return sorted(r for r, zc, zl in zip(ready, z_c, z_l) if zc < -self.threshold or zl > self.threshold)
+        z_k = shorth_z(skew, floor=self.skew_floor)
+        return sorted(r for r, zc, zl, k, zk in zip(ready, z_c, z_l, skew, z_k)
+                      if zc < -self.threshold or zl > self.threshold
+                      or (abs(k) > self.skew_bound and abs(zk) > self.threshold))
 
     def state_dict(self) -> dict[str, list]:
         return {"cosine_ema": list(self.cosine_ema), "log_norm_ema": list(self.log_norm_ema),
-                "updates": list(self.updates)}
+                "skew_ema": list(self.skew_ema), "updates": list(self.updates)}
 
     def load_state_dict(self, state: dict[str, list]) -> None:
-        """Restore :meth:`state_dict`; ``ValueError`` if the world size differs."""
+        """Restore :meth:`state_dict` (a state without skew averages starts them at 0);
+        ``ValueError`` if the world size differs."""
         if len(state["updates"]) != len(self.updates):
             raise ValueError(f"state has {len(state['updates'])} ranks, detector has {len(self.updates)}")
         self.cosine_ema = [float(v) for v in state["cosine_ema"]]
         self.log_norm_ema = [float(v) for v in state["log_norm_ema"]]
+        self.skew_ema = [float(v) for v in state.get("skew_ema", [0.0] * len(self.updates))]
         self.updates = [int(v) for v in state["updates"]]
 
 
@@ -373,7 +418,8 @@ def false_alarm_rate(
         scale = torch.exp(spread * torch.randn(n, 1, generator=gen, dtype=torch.float64))
         x = snr * mu + scale * torch.randn(n, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
         a = x.median(0).values if n % 2 else x.sort(0).values[n // 2 - 1 : n // 2 + 1].mean(0)
-        s = x.std(0, correction=0)
-        stats = statistics_from_sums(x @ a, (x * x).sum(1), float(a @ a), x @ s, float(a @ s), float(s @ s))
+        sums = split_stats(partial_stats(x, a, list(range(n))))
+        stats = statistics_from_sums(sums.dots, sums.sq_norms, float(sums.agg_sq_norm), sums.sign_sums,
+                                     float(sums.spread_count))
         alarms += bool(detect(stats, threshold).flagged)
     return alarms / draws

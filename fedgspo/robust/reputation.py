@@ -23,7 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedgspo.robust.detection import DEFAULT_THRESHOLD, PersistentDeviation
+from fedgspo.robust.detection import (
+    DEFAULT_THRESHOLD, PERSISTENT_SKEW_BOUND, PERSISTENT_SKEW_FLOOR, PersistentDeviation)
 from fedgspo.robust.all_reduce import RobustReport
 
 
@@ -46,6 +47,9 @@ class PersistenceConfig(BaseModel):
         1.386, gt=0, description="Clip each step's relative log norm to +-this (default log 4) before averaging "
         "(None: no clip): bounds what one heavy-tailed step adds to an honest rank's average once most groups "
         "have equal rewards; a persistently scaled rank still averages up to the cap.")
+    skew_bound: float = Field(PERSISTENT_SKEW_BOUND, gt=0, le=1,
+                              description="Averaged skews beyond +-this (and z-score outliers) flag.")
+    skew_floor: float = Field(PERSISTENT_SKEW_FLOOR, gt=0, description="MAD floor of the averaged skews.")
 
 
 class ReputationConfig(BaseModel):
@@ -110,8 +114,8 @@ class ReputationTracker:
     def _detector(self) -> PersistentDeviation:
         p = self.config.persistence
         return PersistentDeviation(len(self.ranks), decay=p.decay, threshold=p.threshold, warmup=p.warmup,
-                                   log_ratio_cap=p.log_ratio_cap,
-                                   cosine_floor=p.cosine_floor, log_floor=p.log_floor)
+                                   log_ratio_cap=p.log_ratio_cap, cosine_floor=p.cosine_floor,
+                                   log_floor=p.log_floor, skew_bound=p.skew_bound, skew_floor=p.skew_floor)
 
     def update(self, report: RobustReport, phase: int = 0) -> list[int]:
         """Fold one report in; returns the ranks flagged in this step (sorted): the report's
@@ -132,7 +136,8 @@ class ReputationTracker:
             for key in (ALL_PHASES,) if self.phases == 1 else (ALL_PHASES, phase % self.phases):
                 if key not in self.persistence:
                     self.persistence[key] = self._detector()
-                self._persistent_flags[key] = self.persistence[key].update(report.cosines, report.norms)
+                self._persistent_flags[key] = self.persistence[key].update(
+                    report.cosines, report.norms, report.skews if len(report.skews) == len(self.ranks) else None)
             flagged |= set().union(*self._persistent_flags.values())
         cfg = self.config
         for rep in self.ranks:

@@ -95,6 +95,7 @@ a collective the others skip.
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 import dataclasses
@@ -110,6 +111,8 @@ from fedgspo.robust.aggregators import Aggregator, ShardContext
 
 #: Relative tolerance (of the largest finite entry) within which an audit accepts a claim.
 AUDIT_RTOL = 1e-5
+#: Scale of the sign sums' audit tolerance, in column counts (``AUDIT_RTOL`` x this = 1e-3 of them).
+SIGN_AUDIT_SCALE = 100.0
 
 
 class ProtocolTamper:
@@ -230,34 +233,37 @@ class StatSums(NamedTuple):
     dots: torch.Tensor  # <x_i, a>
     sq_norms: torch.Tensor  # ||x_i||^2
     agg_sq_norm: torch.Tensor  # ||a||^2 (one element)
-    spread_dots: torch.Tensor  # <x_i, s>
-    agg_spread_dot: torch.Tensor  # <a, s> (one element)
-    spread_sq_norm: torch.Tensor  # ||s||^2 (one element)
+    sign_sums: torch.Tensor  # sum over spread columns of sign(x_ij - a_j)
+    spread_count: torch.Tensor  # number of spread columns (s_j > 0; one element)
 
 
 def stats_width(n: int) -> int:
     """Entries of a :func:`partial_stats` vector for ``n`` ranks."""
-    return 3 * n + 3
+    return 3 * n + 2
 
 
 def split_stats(stats: torch.Tensor) -> StatSums:
     """``stats`` (one :func:`partial_stats` vector, or their sum) cut into its parts."""
-    n = (stats.numel() - 3) // 3
+    n = (stats.numel() - 2) // 3
     return StatSums(stats[:n], stats[n : 2 * n], stats[2 * n : 2 * n + 1], stats[2 * n + 1 : 3 * n + 1],
-                    stats[3 * n + 1 : 3 * n + 2], stats[3 * n + 2 :])
+                    stats[3 * n + 1 :])
 
 
 def partial_stats(stack: torch.Tensor, agg: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    """float64 ``[<x_i, a>]_i ++ [||x_i||^2]_i ++ [||a||^2] ++ [<x_i, s>]_i ++ [<a, s>, ||s||^2]``
-    over the columns held (:class:`StatSums`), where ``s`` is the coordinate-wise standard
-    deviation of the ``keep`` rows (the spread an in-spread attack moves along;
-    :mod:`fedgspo.robust.detection`)."""
+    """float64 ``[<x_i, a>]_i ++ [||x_i||^2]_i ++ [||a||^2] ++ [sum_j sign(x_ij - a_j)]_i ++ [count]``
+    over the columns held (:class:`StatSums`). The sign sums run over the *spread columns*,
+    those where the ``keep`` rows are not all equal (their coordinate-wise standard deviation
+    is positive), and ``count`` is their number: the skew of :mod:`fedgspo.robust.detection`.
+    A NaN in a row makes its sign sum NaN."""
     dots = (stack @ agg).double()
     sq = torch.linalg.vector_norm(stack, dim=1).double().square()
-    spread = kept_rows(stack, keep).std(0, correction=0) if keep else torch.zeros_like(agg)
-    spread_dots = (stack @ spread).double()
-    tail = torch.stack([torch.dot(agg, spread), torch.dot(spread, spread)]).double()
-    return torch.cat([dots, sq, torch.dot(agg, agg).double().reshape(1), spread_dots, tail])
+    rows = kept_rows(stack, keep)
+    spread = (rows != rows[:1]).any(0) if keep else torch.zeros_like(agg, dtype=torch.bool)
+    above, below = (stack > agg) & spread, (stack < agg) & spread
+    signs = above.sum(1).double() - below.sum(1).double()
+    signs = torch.where(stack.isnan().any(1), torch.full_like(signs, math.nan), signs)
+    count = spread.sum().double().reshape(1)
+    return torch.cat([dots, sq, torch.dot(agg, agg).double().reshape(1), signs, count])
 
 
 def all_reduce_sum(group: dist.ProcessGroup | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -330,13 +336,14 @@ def agrees(claim: torch.Tensor, check: torch.Tensor, scale: torch.Tensor | None 
 
 def stats_agree(claim: torch.Tensor, check: torch.Tensor) -> bool:
     """:func:`agrees` for :func:`partial_stats`, each entry on its own scale: ``||x_i|| ||a||``
-    for ``<x_i, a>`` (``||x_i|| ||s||``, ``||a|| ||s||`` for those with ``s``), the value itself
-    for the squared norms (one rank's huge update does not
-    widen the tolerance on the others')."""
+    for ``<x_i, a>``, the value itself for the squared norms (one rank's huge update does not
+    widen the tolerance on the others'), and :data:`SIGN_AUDIT_SCALE` times the column count
+    for the sign sums and the count (an aggregate recomputed one rounding away moves the sign
+    of the columns where a row equals it, e.g. the median's own row)."""
     b = split_stats(check.double().abs())
-    sq, agg_sq, spread_sq = b.sq_norms, b.agg_sq_norm, b.spread_sq_norm
-    return agrees(claim, check, torch.cat([(sq * agg_sq).sqrt(), sq, agg_sq, (sq * spread_sq).sqrt(),
-                                           (agg_sq * spread_sq).sqrt(), spread_sq]))
+    sq, agg_sq, count = b.sq_norms, b.agg_sq_norm, b.spread_count
+    signs = (SIGN_AUDIT_SCALE * count).expand(b.sign_sums.numel() + 1)
+    return agrees(claim, check, torch.cat([(sq * agg_sq).sqrt(), sq, agg_sq, signs]))
 
 
 _CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -395,7 +402,7 @@ def publish(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every owner's aggregated shard and float64 partial statistics on every rank, in one
     point-to-point round; returns the ``(n, s)`` shards (written into ``into`` when given, e.g.
-    the caller's tensor viewed as ``(n, s)``) and the ``(n, 3n + 3)`` statistics on the CPU.
+    the caller's tensor viewed as ``(n, s)``) and the ``(n, 3n + 2)`` statistics on the CPU.
     ``tamper`` alters what this rank publishes (its own row included). With the ``int8`` codec
     the shards travel as int8 payloads and every rank, the owner included, keeps the decoded
     ones (the statistics stay the owner's, of its exact shard)."""
@@ -576,7 +583,7 @@ def _audited_round(
     keep: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, AuditOutcome]:
     """Steps 2-6 of the audit protocol (module docstring) for the ``keep`` rows: returns the
-    ``(n, s)`` shards (in ``into`` when given) and ``(n, 3n + 3)`` statistics after repairs,
+    ``(n, s)`` shards (in ``into`` when given) and ``(n, 3n + 2)`` statistics after repairs,
     and the outcome."""
     n, rank, device = plan.n, dist.get_rank(group), recv.device
     audited = (rank - 1) % n
