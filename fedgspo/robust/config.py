@@ -31,8 +31,9 @@ class AggregationConfig(BaseModel):
     )
     z_threshold: float = Field(DEFAULT_THRESHOLD, gt=0, description="Robust z-score above which a rank is flagged.")
     skew_bound: float | None = Field(
-        SKEW_BOUND, gt=0, le=1, description="Flag a rank whose update leans along the updates' coordinate-wise "
-        "spread (|skew| above this and a z-score outlier: fedgspo.robust.detection); null: off.")
+        SKEW_BOUND, gt=0, le=1, description="Flag a rank whose update lies on one side of the aggregate "
+        "in most coordinates (|skew|, the mean sign of its deviation, above this and a z-score outlier: "
+        "fedgspo.robust.detection); null: off.")
     mode: Literal["sharded", "replicated", "audited"] = Field(
         "sharded", description="sharded: all-reduce bytes; replicated: trusts no rank; audited: double-checked shards."
     )
