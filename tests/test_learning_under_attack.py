@@ -97,9 +97,9 @@ def test_colluding_adaptive_attacks():
         assert float(shift.norm()) < 1e-4 * float(honest.std(0).norm())
 
 
-def _train(tmp_path: Path, name: str, steps: int, *extra: str) -> list[dict]:
+def _train(tmp_path: Path, name: str, steps: int, *extra: str, nproc: int = 4) -> list[dict]:
     run = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "fedgspo.train", f"run.dir={run}", f"train.max_steps={steps}", "run.progress_bar=false",
            "run.tensorboard=false", "run.log_every=1000", "bookkeeping.enabled=false", "task.prompts_per_rank=2",
            "proof.rate=0", *extra]
@@ -128,3 +128,16 @@ def test_an_in_spread_alie_attacker_is_caught_by_its_skew(tmp_path):
     assert all(r["rank_skew"][3] < -0.5 for r in records if 3 not in r["quarantined"])
     assert 3 in records[5]["quarantined"] and 3 in records[-1]["quarantined"]
     assert all(set(r["quarantined"]) <= {3} and set(r["flagged"]) <= {3} for r in records)
+
+
+@pytest.mark.slow
+def test_three_colluding_alie_ranks_of_eight_stay_quarantined(tmp_path):
+    """Defaults, 8 ranks (f auto = 3), 40 steps: ranks 5-7 send ALIE's ``mean - z std`` with
+    Baruch et al.'s z for 8 ranks, together. Quarantined within the first steps, they are
+    flagged on every step after it (their skews near -1, the honest ranks' near 0), so they are
+    never released (``rehabilitate_after`` is 20); no honest rank is ever flagged."""
+    records = _train(tmp_path, "alie8", 40, "attack={kind: alie, ranks: [5, 6, 7]}", nproc=8)
+    first = next(i for i, r in enumerate(records) if r["quarantined"])
+    assert first <= 8 and all(r["quarantined"] == [5, 6, 7] for r in records[first:])
+    assert all(r["flagged"] == [5, 6, 7] for r in records[first + 1:])
+    assert all(set(r["flagged"]) <= {5, 6, 7} for r in records)

@@ -106,7 +106,7 @@ SKEW_BOUND: float | None = 0.5
 SKEW_FLOOR = 0.1
 #: Averaged skews beyond +-this (and robust z-score outliers) are flagged by the across-step test.
 PERSISTENT_SKEW_BOUND = 0.1
-#: MAD floor of averaged skews.
+#: Floor of the averaged skews' scale (the half-width of their shortest half: :func:`shorth_z`).
 PERSISTENT_SKEW_FLOOR = 0.02
 
 
@@ -317,10 +317,10 @@ class PersistentDeviation:
     From ``warmup`` updates on, rank ``i`` is flagged when the robust z-score of its ``c`` among
     all ranks' is below ``-threshold`` (opposes or ignores the common direction), that of its
     ``l`` is above ``threshold`` (persistently larger), or its ``|k|`` exceeds ``skew_bound``
-    and the z-score of ``k`` is beyond ``+-threshold`` (leans one way along the spread, step
-    after step: honest skews average out to a few hundredths). MAD floors ``cosine_floor``,
-    ``log_floor`` and ``skew_floor`` keep close honest averages from making tiny differences
-    significant. State is plain data, identical on every rank when fed identical reports
+    and its :func:`shorth_z` score is beyond ``+-threshold`` (lies on one side of the aggregate,
+    step after step: honest skews average out to a few thousandths). The floors
+    ``cosine_floor``, ``log_floor`` and ``skew_floor`` keep close honest averages from making
+    tiny differences significant. State is plain data, identical on every rank when fed identical reports
     (:meth:`state_dict` for checkpoints).
     """
 

@@ -49,7 +49,8 @@ class PersistenceConfig(BaseModel):
         "have equal rewards; a persistently scaled rank still averages up to the cap.")
     skew_bound: float = Field(PERSISTENT_SKEW_BOUND, gt=0, le=1,
                               description="Averaged skews beyond +-this (and z-score outliers) flag.")
-    skew_floor: float = Field(PERSISTENT_SKEW_FLOOR, gt=0, description="MAD floor of the averaged skews.")
+    skew_floor: float = Field(PERSISTENT_SKEW_FLOOR, gt=0,
+                              description="Floor of the averaged skews' scale (half-width of their shortest half).")
 
 
 class ReputationConfig(BaseModel):
