@@ -35,3 +35,25 @@ def test_quick_benchmark_writes_suite_json(tmp_path: Path) -> None:
     (entry,) = suite["runs"]
     assert entry["name"] == "entities" and entry["status"] == "ok"
     assert entry["result"] and (tmp_path / "entities.json").exists()
+
+
+def test_noniid_digit_assets_load_like_a_local_model(tmp_path: Path) -> None:
+    """``benchmarks/make_noniid_digits.py``: the model directory loads with the Auto classes, the
+    tokenizer round-trips a prompt character by character, every row's answer is its task's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import make_noniid_digits
+    finally:
+        sys.path.remove(str(RUN.parent))
+    assert make_noniid_digits.main(["--out", str(tmp_path), "--rows", "60"]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    ids = tok("S3141=").input_ids
+    assert len(ids) == 6 and tok.decode(ids) == "S3141="
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.vocab_size == len(tok)
+    rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 60 and {r["task"] for r in rows} == {"C", "R", "S"}
+    for r in rows:
+        digits = r["prompt"][1:-1]
+        assert r["answer"] == {"C": digits, "R": digits[::-1], "S": "".join(sorted(digits))}[r["task"]]
