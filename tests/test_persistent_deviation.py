@@ -158,7 +158,7 @@ def test_log_ratio_cap_bounds_one_heavy_step_but_not_a_persistent_scale():
 def skewed_run(steps: int, lean: float, colluders: int, offsets: list[float] | None = None,
                seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """Honest per-step skews ~ N(offset, 0.1) (as wide as the honest skews of a run damaged by
-    attackers, up to +-0.24; +-0.012 in clean runs),
+    attackers, up to +-0.24; +-0.014 otherwise),
     ``colluders`` ranks at ``lean`` +- 0.05 with their cosines and norms honest. Returns the
     across-step flags and the ranks the per-step skew test (:func:`detect`'s rule) would flag."""
     rng, det = random.Random(seed), PersistentDeviation(N)
@@ -188,7 +188,8 @@ def test_colluders_that_lean_along_the_spread_are_flagged_by_their_averaged_skew
 
 @pytest.mark.parametrize("seed", range(5))
 def test_honest_skews_with_small_persistent_offsets_are_never_flagged(seed):
-    """Per-rank offsets up to +-0.06 (the largest averaged honest skew of the demo task's runs)."""
+    """Per-rank offsets up to +-0.06, twenty times the largest averaged honest skew of the
+    robustness benchmark's runs (0.003)."""
     offsets = [random.Random(seed).uniform(-0.06, 0.06) for _ in range(N)]
     flags, _ = skewed_run(300, 0.0, colluders=0, offsets=offsets, seed=seed)
     assert not any(flags)
