@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fedgspo.runfiles import write_text_atomic
 
 ALPHABET = list("0123456789CRS=")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -71,13 +71,6 @@ def digit_rows(count: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "noniid")
@@ -88,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = make_tokenizer()
     make_model(tok, args.seed).save_pretrained(args.out / "model")
     tok.save_pretrained(args.out / "model")
-    write_atomically(args.out / "data.jsonl", "".join(json.dumps(r) + "\n" for r in digit_rows(args.rows, args.seed)))
+    write_text_atomic(args.out / "data.jsonl", "".join(json.dumps(r) + "\n" for r in digit_rows(args.rows, args.seed)))
     print(f"wrote {args.out / 'model'} and {args.out / 'data.jsonl'} ({args.rows} rows)")
     return 0
 

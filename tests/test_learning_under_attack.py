@@ -17,8 +17,8 @@ import torch
 from dist_helpers import run_ranks
 from fedgspo.config import load_config
 from fedgspo.robust.attacks import ATTACKS, SLEEPER_START, AttackConfig, apply_attack
-from fedgspo.robust.detection import detect, statistics_from_sums
-from fedgspo.robust.shard_exchange import partial_stats, split_stats
+from fedgspo.robust.detection import detect, statistics_from_partial
+from fedgspo.robust.shard_exchange import partial_stats
 
 ADAPTIVE = ("stealth", "alternating", "sleeper", "collusion")
 
@@ -65,9 +65,7 @@ def _colluding_runs(rank: int, world_size: int, steps: int) -> dict[str, list[di
             gathered = [torch.empty_like(g) for _ in range(world_size)]
             torch.distributed.all_gather(gathered, g)
             stack = torch.stack(gathered).double()
-            sums = split_stats(partial_stats(stack, stack.median(0).values, list(range(world_size))))
-            stats = statistics_from_sums(sums.dots, sums.sq_norms, float(sums.agg_sq_norm), sums.sign_sums,
-                                         float(sums.spread_count))
+            stats = statistics_from_partial(partial_stats(stack, stack.median(0).values, list(range(world_size))))
             out[kind].append({"sent": g, "honest": honest, "flagged": detect(stats).flagged})
     return out
 

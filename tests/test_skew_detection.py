@@ -13,14 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedgspo.robust.aggregators import TrimmedMean
-from fedgspo.robust.detection import SKEW_BOUND, detect, statistics_from_sums
-from fedgspo.robust.shard_exchange import partial_stats, split_stats
+from fedgspo.robust.detection import SKEW_BOUND, detect, statistics_from_partial, statistics_from_sums
+from fedgspo.robust.shard_exchange import partial_stats
 
 
 def _stats(x: torch.Tensor, a: torch.Tensor):
-    sums = split_stats(partial_stats(x, a, list(range(x.shape[0]))))
-    return statistics_from_sums(sums.dots, sums.sq_norms, float(sums.agg_sq_norm), sums.sign_sums,
-                                float(sums.spread_count))
+    return statistics_from_partial(partial_stats(x, a, list(range(x.shape[0]))))
 
 
 @settings(max_examples=40, deadline=None)
@@ -84,9 +82,7 @@ def test_quarantined_colluders_stay_flagged_by_their_skew(lam):
         sent = honest.mean(0) - lam * honest.std(0)
         x = torch.cat([honest, sent.expand(f, -1)])
         keep = list(range(n - f))
-        sums = split_stats(partial_stats(x, TrimmedMean(f=2)(honest), keep))
-        stats = statistics_from_sums(sums.dots, sums.sq_norms, float(sums.agg_sq_norm), sums.sign_sums,
-                                     float(sums.spread_count))
+        stats = statistics_from_partial(partial_stats(x, TrimmedMean(f=2)(honest), keep))
         assert detect(stats).flagged == list(range(n - f, n)), (seed, stats.skews)
         assert detect(stats, skew_bound=None).flagged == []
 

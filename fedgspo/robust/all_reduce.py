@@ -109,7 +109,7 @@ import torch.distributed as dist
 from fedgspo.robust.aggregators import Aggregator, build_aggregator
 from fedgspo.robust.authentication import ExchangeAuthenticator
 from fedgspo.robust.compression import CODECS
-from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND, detect, statistics_from_sums
+from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND, detect, statistics_from_partial
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.shard_exchange import (
     AggregationPlan,
@@ -369,9 +369,7 @@ def _judge(
 ) -> tuple[RobustReport, list[int]]:
     """Flags, exclusions and the consensus decision from the global per-rank sums."""
     n, keep = plan.n, plan.keep
-    parts = split_stats(sums)
-    stats = statistics_from_sums(parts.dots, parts.sq_norms, float(parts.agg_sq_norm), parts.sign_sums,
-                                 float(parts.spread_count))
+    stats = statistics_from_partial(sums)
     det = detect(stats, z_threshold, skew_bound=skew_bound)
     flagged = sorted(set(det.flagged) | set(plan.nonfinite) | set(plan.auth_failed))
     reason = ""
@@ -385,7 +383,7 @@ def _judge(
             f"{len(suspicious)} aggregated ranks flagged ({suspicious}) "
             f"but {plan.agg.spec()} tolerates f={plan.agg.f}"
         )
-    if not reason and not torch.isfinite(parts.agg_sq_norm).all():
+    if not reason and not torch.isfinite(split_stats(sums).agg_sq_norm).all():
         reason = "the aggregate is not finite"
     report = RobustReport(
         distances=stats.distances,

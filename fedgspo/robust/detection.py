@@ -28,8 +28,9 @@ of rank ``i`` is the mean of ``sign(x_ij - a_j)`` over the *spread columns* ``j`
 which the aggregated updates are not all equal. In each column a median or trimmed mean has as
 many honest ranks above it as below, so an honest rank's signs cancel over the columns and its
 skew is a few thousandths (|skew| at most 0.014 on every honest rank-step of 72 runs of the
-robustness benchmark at n = 4 and 8, non-IID data included: benchmarks/README.md), while ``mean - z * std`` lies below the aggregate in nearly every column: skew
-near ``-1`` for any ``z`` that moves the rule. Signs, not magnitudes: the cosine of ``x_i - a``
+robustness benchmark at n = 4 and 8, non-IID data included: benchmarks/README.md), while
+``mean - z * std`` lies below the aggregate in nearly every column: skew near ``-1`` for any
+``z`` that moves the rule. Signs, not magnitudes: the cosine of ``x_i - a``
 to the spread, measured before, rested on the few heavy-tailed columns that dominate a GSPO
 gradient and scattered honest ranks up to +-0.9 once training had been damaged. Both the
 absolute bound and the robust z-score must be exceeded: when attackers pull the aggregate,
@@ -165,6 +166,14 @@ def statistics_from_sums(dots: torch.Tensor, sq_norms: torch.Tensor, agg_sq_norm
     return RankStatistics(dist.tolist(), cos.clamp(-1, 1).tolist(), norms.tolist(), skews)
 
 
+def statistics_from_partial(stats: torch.Tensor) -> RankStatistics:
+    """:func:`statistics_from_sums` of a :func:`~fedgspo.robust.shard_exchange.partial_stats`
+    vector summed over every column (one owner's alone when it holds them all)."""
+    sums = split_stats(stats)
+    return statistics_from_sums(sums.dots, sums.sq_norms, float(sums.agg_sq_norm), sums.sign_sums,
+                                float(sums.spread_count))
+
+
 def robust_z(values: list[float], floor: float = 0.0, rel_floor: float = 0.0) -> list[float]:
     """Robust z-scores ``0.6745 (v - median) / MAD`` over the finite values; NaN elsewhere.
 
@@ -198,15 +207,22 @@ def shorth_z(values: list[float], floor: float = 0.0) -> list[float]:
     return [MAD_TO_Z * (v - centre) / scale if math.isfinite(v) else math.nan for v in values]
 
 
+def _clamp(values: list[float]) -> float | None:
+    """1e-3 x the median finite positive value (None without one): below it a norm or distance
+    counts as zero."""
+    positive = [v for v in values if math.isfinite(v) and v > 0]
+    return 1e-3 * statistics.median(positive) if positive else None
+
+
 def _log(values: list[float]) -> list[float]:
-    """Natural log, with values below 1e-3 x the median positive value clamped up to it.
+    """Natural log, with values below :func:`_clamp` clamped up to it.
 
     So an exact match (Krum's chosen rank has distance 0) is merely very low, a zeroed
     update among non-zero ones gets a very negative z-score, and all-zero updates (e.g.
     every group with equal rewards) all score 0. NaN/Inf stay nonfinite.
     """
-    positive = [v for v in values if math.isfinite(v) and v > 0]
-    floor = 1e-3 * statistics.median(positive) if positive else 1e-30
+    clamp = _clamp(values)
+    floor = 1e-30 if clamp is None else clamp
     return [math.log(max(v, floor)) if math.isfinite(v) else math.nan for v in values]
 
 
@@ -239,10 +255,9 @@ def regular_ranks(stats: RankStatistics) -> list[int]:
     """Ranks with finite statistics and a norm above ``_log``'s clamp (1e-3 x the median
     positive norm): the ones that carry a direction. Zero updates (every group of the rank had
     equal rewards) are not regular."""
-    positive = [v for v in stats.norms if math.isfinite(v) and v > 0]
-    if not positive:
+    clamp = _clamp(stats.norms)
+    if clamp is None:
         return []
-    clamp = 1e-3 * statistics.median(positive)
     log_distances = _log(stats.distances)
     return [i for i in range(len(stats.norms))
             if math.isfinite(log_distances[i]) and math.isfinite(stats.cosines[i])
@@ -320,8 +335,8 @@ class PersistentDeviation:
     and its :func:`shorth_z` score is beyond ``+-threshold`` (lies on one side of the aggregate,
     step after step: honest skews average out to a few thousandths). The floors
     ``cosine_floor``, ``log_floor`` and ``skew_floor`` keep close honest averages from making
-    tiny differences significant. State is plain data, identical on every rank when fed identical reports
-    (:meth:`state_dict` for checkpoints).
+    tiny differences significant. State is plain data, identical on every rank when fed
+    identical reports (:meth:`state_dict` for checkpoints).
     """
 
     def __init__(self, world_size: int, decay: float = 0.95, threshold: float = DEFAULT_THRESHOLD,
@@ -352,8 +367,7 @@ class PersistentDeviation:
         if not any(finite):
             return []
         median = statistics.median(v for v, ok in zip(log_norms, finite) if ok)
-        positive = [v for v, ok in zip(norms, finite) if ok and v > 0]
-        zero_below = 1e-3 * statistics.median(positive) if positive else math.inf
+        zero_below = _clamp(norms)
         d = self.decay
         for i in range(n):
             if finite[i]:
@@ -363,7 +377,7 @@ class PersistentDeviation:
                     ratio = max(-self.log_ratio_cap, min(self.log_ratio_cap, ratio))
                 self.log_norm_ema[i] = d * self.log_norm_ema[i] + (1 - d) * ratio
                 if skews is not None:
-                    skew = skews[i] if norms[i] > zero_below else 0.0
+                    skew = skews[i] if zero_below is not None and norms[i] > zero_below else 0.0
                     self.skew_ema[i] = d * self.skew_ema[i] + (1 - d) * skew
                 self.updates[i] += 1
         ready = [i for i in range(n) if self.updates[i] >= self.warmup]
@@ -418,8 +432,6 @@ def false_alarm_rate(
         scale = torch.exp(spread * torch.randn(n, 1, generator=gen, dtype=torch.float64))
         x = snr * mu + scale * torch.randn(n, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
         a = x.median(0).values if n % 2 else x.sort(0).values[n // 2 - 1 : n // 2 + 1].mean(0)
-        sums = split_stats(partial_stats(x, a, list(range(n))))
-        stats = statistics_from_sums(sums.dots, sums.sq_norms, float(sums.agg_sq_norm), sums.sign_sums,
-                                     float(sums.spread_count))
+        stats = statistics_from_partial(partial_stats(x, a, list(range(n))))
         alarms += bool(detect(stats, threshold).flagged)
     return alarms / draws

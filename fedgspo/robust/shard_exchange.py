@@ -95,7 +95,6 @@ a collective the others skip.
 from __future__ import annotations
 
 import functools
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 import dataclasses
@@ -234,7 +233,7 @@ class StatSums(NamedTuple):
     sq_norms: torch.Tensor  # ||x_i||^2
     agg_sq_norm: torch.Tensor  # ||a||^2 (one element)
     sign_sums: torch.Tensor  # sum over spread columns of sign(x_ij - a_j)
-    spread_count: torch.Tensor  # number of spread columns (s_j > 0; one element)
+    spread_count: torch.Tensor  # number of spread columns (the kept rows differ; one element)
 
 
 def stats_width(n: int) -> int:
@@ -253,15 +252,14 @@ def partial_stats(stack: torch.Tensor, agg: torch.Tensor, keep: list[int]) -> to
     """float64 ``[<x_i, a>]_i ++ [||x_i||^2]_i ++ [||a||^2] ++ [sum_j sign(x_ij - a_j)]_i ++ [count]``
     over the columns held (:class:`StatSums`). The sign sums run over the *spread columns*,
     those where the ``keep`` rows are not all equal (their coordinate-wise standard deviation
-    is positive), and ``count`` is their number: the skew of :mod:`fedgspo.robust.detection`.
-    A NaN in a row makes its sign sum NaN."""
+    is positive), and ``count`` is their number: the skew of :mod:`fedgspo.robust.detection`
+    (NaN for a row that is not finite, by its squared norm)."""
     dots = (stack @ agg).double()
     sq = torch.linalg.vector_norm(stack, dim=1).double().square()
     rows = kept_rows(stack, keep)
     spread = (rows != rows[:1]).any(0) if keep else torch.zeros_like(agg, dtype=torch.bool)
     above, below = (stack > agg) & spread, (stack < agg) & spread
     signs = above.sum(1).double() - below.sum(1).double()
-    signs = torch.where(stack.isnan().any(1), torch.full_like(signs, math.nan), signs)
     count = spread.sum().double().reshape(1)
     return torch.cat([dots, sq, torch.dot(agg, agg).double().reshape(1), signs, count])
 
