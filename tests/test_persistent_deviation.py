@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND, SKEW_FLOOR, PersistentDeviation, robust_z
+from fedgspo.robust.detection import PersistentDeviation, RankStatistics, detect
 from fedgspo.robust.reputation import PersistenceConfig, ReputationConfig, ReputationTracker
 from fedgspo.robust.all_reduce import RobustReport
 
@@ -158,9 +158,9 @@ def test_log_ratio_cap_bounds_one_heavy_step_but_not_a_persistent_scale():
 def skewed_run(steps: int, lean: float, colluders: int, offsets: list[float] | None = None,
                seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """Honest per-step skews ~ N(offset, 0.1) (as wide as the honest skews of a run damaged by
-    attackers, up to +-0.24; +-0.014 otherwise),
-    ``colluders`` ranks at ``lean`` +- 0.05 with their cosines and norms honest. Returns the
-    across-step flags and the ranks the per-step skew test (:func:`detect`'s rule) would flag."""
+    attackers, up to +-0.24; +-0.014 otherwise), ``colluders`` ranks at ``lean`` +- 0.05 with
+    their cosines and norms honest. Returns the across-step flags and the ranks the per-step
+    test flags on the skews alone (every other statistic equal across ranks)."""
     rng, det = random.Random(seed), PersistentDeviation(N)
     offsets = offsets or [0.0] * N
     flags, per_step = [], []
@@ -169,8 +169,7 @@ def skewed_run(steps: int, lean: float, colluders: int, offsets: list[float] | N
         skews = [rng.gauss(offsets[i], 0.1) for i in range(N)]
         for i in range(N - colluders, N):
             skews[i] = rng.gauss(lean, 0.05)
-        z = robust_z(skews, floor=SKEW_FLOOR)
-        per_step.append([i for i in range(N) if abs(skews[i]) > SKEW_BOUND and abs(z[i]) > DEFAULT_THRESHOLD])
+        per_step.append(detect(RankStatistics([1.0] * N, [0.5] * N, [1.0] * N, skews)).flagged)
         flags.append(det.update(cos, norms, skews))
     return flags, per_step
 
