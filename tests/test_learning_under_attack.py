@@ -1,7 +1,8 @@
 """Learning under attack, in small: adaptive attackers are selectable and behave as documented,
 and a short real run quarantines a persistent attacker while no honest rank is ever quarantined.
 
-The full-size measurement (300 steps, seeds 0 and 1, every attack) is ``benchmarks/robustness.py``.
+The full-size measurement (300 steps, seeds 0, 1 and 2, every attack, n = 4 and 8) is
+``benchmarks/robustness.py`` (results in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
