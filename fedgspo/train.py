@@ -513,8 +513,9 @@ class Trainer:
             "step_time_s": step_time, **{f"time_{k}_s": v for k, v in times.items()},
             "tokens_per_s": length * rewards.numel() * self.ctx.world_size / step_time,
             "flagged_frac": len(report.flagged) / self.fed.num_sites, **self.fed.take_bytes(),
-            "rank_z_score": report.z_scores, "rank_skew": report.skews, "rank_norm": report.norms, "rank_trust": [r.trust for r in ranks],
-            "rank_flags": [r.flags for r in ranks], "rank_quarantined": [int(r.quarantined) for r in ranks],
+            "rank_z_score": report.z_scores, "rank_skew": report.skews, "rank_norm": report.norms,
+            "rank_trust": [r.trust for r in ranks], "rank_flags": [r.flags for r in ranks],
+            "rank_quarantined": [int(r.quarantined) for r in ranks],
             **self.resources(), **self.recorder.counters(),
         }
         record.update(part_means("reward/", batch.reward_parts, parts))
