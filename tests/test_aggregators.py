@@ -64,6 +64,20 @@ def ref_nnm(x: torch.Tensor, f: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def ref_arc(x: torch.Tensor, f: int) -> torch.Tensor:
+    """ByzFL's ARC: the int(2 f / n (n - f)) largest rows clipped to the largest norm left."""
+    n = x.shape[0]
+    norms = [float(row.norm()) for row in x]
+    order = sorted(range(n), key=lambda i: norms[i])  # ascending
+    k = int((2 * f / n) * (n - f))
+    radius = norms[order[n - k - 1]]
+    out = x.clone()
+    for i in order[n - k:]:
+        if norms[i] > radius:
+            out[i] = x[i] * (radius / norms[i])
+    return out
+
+
 def random_stack(n: int, d: int, seed: int) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -109,6 +123,19 @@ def test_float32_matches_float64_reference():
 def test_nnm_matches_reference():
     x = random_stack(6, 11, 3)
     torch.testing.assert_close(A.NearestNeighborMixing(f=2)(x), ref_nnm(x, 2))
+
+
+@pytest.mark.parametrize("n,f", [(3, 1), (4, 1), (5, 2), (8, 3), (9, 4), (6, 0)])
+def test_arc_matches_reference(n, f):
+    x = random_stack(n, 13, n * 7 + f)
+    x[-1] *= 50.0  # one blown-up row
+    torch.testing.assert_close(A.AdaptiveRobustClipping(f=f)(x), ref_arc(x, f), rtol=1e-12, atol=1e-12)
+
+
+def test_arc_reproduces_byzfl_example():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    expected = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [4.41004009, 5.04004582, 5.67005155]])
+    torch.testing.assert_close(A.AdaptiveRobustClipping(f=1)(x), expected)
 
 
 def test_bucketing_averages_buckets_of_its_permutation():
@@ -162,7 +189,7 @@ def test_invalid_parameters_raise(build):
 def test_unknown_names_list_known_ones():
     with pytest.raises(ValueError, match="known: centered_clipping, geometric_median, krum"):
         A.build_aggregator("average")
-    with pytest.raises(ValueError, match="known: bucketing, nnm"):
+    with pytest.raises(ValueError, match="known: arc, bucketing, nnm"):
         A.build_aggregator("median", 1, pre=["mix"])
 
 
@@ -256,6 +283,35 @@ def test_krum_picks_an_honest_row(n, seed, offset):
     x[:f] = random_stack(f, 6, seed + 1) + offset  # Byzantine rows far away
     out = A.Krum(f)(x)
     assert any(torch.equal(out, x[i]) for i in range(f, n))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 10), seed=seeds, data=st.data(), scales=st.lists(st.floats(0, 1e6), min_size=10, max_size=10))
+def test_arc_clips_only_the_k_largest_rows_to_the_next_norm(n, seed, data, scales):
+    f = data.draw(st.integers(0, n - 1))
+    x = random_stack(n, 5, seed) * torch.tensor(scales[:n], dtype=torch.float64)[:, None]
+    arc = A.AdaptiveRobustClipping(f)
+    out = arc(x)
+    norms = x.norm(dim=1)
+    k = arc.clipped(n)
+    assert k <= n // 2 and (k == 0) == (f == 0)
+    radius = norms.sort(descending=True).values[k]
+    assert bool((out.norm(dim=1) <= radius * (1 + 1e-12)).all())
+    changed = [i for i in range(n) if not torch.equal(out[i], x[i])]
+    assert len(changed) <= k and all(norms[i] > radius for i in changed)
+    for i in changed:  # same direction, shorter
+        torch.testing.assert_close(out[i] * norms[i], x[i] * radius, rtol=1e-9, atol=1e-9)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(arc(x[perm]), out[perm], rtol=0, atol=0)
+
+
+def test_arc_bounds_a_blown_up_row_in_the_mean():
+    x = random_stack(5, 8, 11)
+    x[4] = 1e6 * x[4]
+    honest_max = float(x[:4].norm(dim=1).max())
+    assert float(A.build_aggregator("mean", 1, pre=["arc"])(x).norm()) <= honest_max
+    with pytest.raises(ValueError, match="arc cannot tolerate f=5 of n=5"):
+        A.build_aggregator("mean", 5, pre=["arc"])(x)
 
 
 # ---------------------------------------------------------------- configuration

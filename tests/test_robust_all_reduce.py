@@ -24,6 +24,7 @@ RULES = [
     ("geometric_median", 1, {"tol": 0.0, "max_iter": 6}),
     ("centered_clipping", 1, {"tau": 1.0, "iterations": 3}),
     ("trimmed_mean", 1, {"pre": ("nnm",)}),
+    ("trimmed_mean", 1, {"pre": ("arc",)}),
     ("median", 0, {"pre": ("bucketing",), "bucket_size": 2}),
 ]
 SIZES = (3, 1000, 1001)

@@ -12,6 +12,7 @@ integrity code or telemetry. Authentication plugs in through
 from fedgspo.robust.aggregators import (
     PRE_AGGREGATORS,
     RULES,
+    AdaptiveRobustClipping,
     Aggregator,
     Bucketing,
     CenteredClipping,
@@ -29,7 +30,7 @@ from fedgspo.robust.ddp_hook import RobustHookState, robust_hook
 from fedgspo.robust.reputation import ReputationConfig, ReputationTracker
 
 __all__ = [
-    "MODES", "PRE_AGGREGATORS", "RULES", "Aggregator", "Bucketing", "CenteredClipping",
+    "MODES", "PRE_AGGREGATORS", "RULES", "AdaptiveRobustClipping", "Aggregator", "Bucketing", "CenteredClipping",
     "CoordinateMedian", "GeometricMedian", "Krum", "Mean", "MultiKrum", "NearestNeighborMixing",
     "ReputationConfig", "ReputationTracker", "RobustHookState", "RobustReport", "TrimmedMean",
     "build_aggregator", "robust_all_reduce", "robust_hook",

@@ -528,6 +528,66 @@ class NearestNeighborMixing(PreAggregator):
         return f"nnm(f={self.f})"
 
 
+def sq_norms(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+    """``(n,)`` float64 squared norms of the full rows: per-row sums over the shard (in the
+    stack's dtype, like :func:`gram_matrix`) and one reduction of ``n`` numbers."""
+    return ctx.sum_over_shards((stack * stack).sum(1).double())
+
+
+class AdaptiveRobustClipping(PreAggregator):
+    r"""ARC: clip the ``k`` largest rows to the norm of the largest row left unclipped.
+
+    Formula: with :math:`k = \lfloor 2 f (n - f) / n \rfloor` and :math:`r` the
+    :math:`(k+1)`-th largest norm, :math:`y_i = \min(1, r / \|x_i\|)\, x_i`. The radius
+    follows the rows of the call itself (no constant to tune): rows up to ``r`` pass
+    unchanged, so ``f`` blown-up rows cannot scale the aggregate beyond the honest norms.
+    Ties at ``r`` are not clipped; ``k = 0`` (``f = 0``) leaves every row as it is.
+
+    Args:
+        f: Byzantine rows to tolerate (``f < n`` when called).
+
+    Returns:
+        ``(n, d)`` tensor, fed to the aggregation rule.
+
+    Example:
+        >>> AdaptiveRobustClipping(f=1)(torch.tensor([[0., 1.], [0., 2.], [30., 40.]]))
+        tensor([[0.0000, 1.0000],
+                [0.0000, 2.0000],
+                [1.2000, 1.6000]])
+
+    Reference: Y. Allouah, R. Guerraoui, N. Gupta, A. Jellouli, G. Rizk, J. Stephan. The vital
+    role of gradient clipping in Byzantine-resilient distributed learning. arXiv:2405.14432.
+    """
+
+    name = "arc"
+
+    def __init__(self, f: int = 0) -> None:
+        self.f = _check_count("f", f)
+
+    def rows_out(self, n: int) -> int:
+        if self.f >= n:
+            raise ValueError(f"arc cannot tolerate f={self.f} of n={n} rows: needs f < n")
+        return n
+
+    def clipped(self, n: int) -> int:
+        """``k``: how many of ``n`` rows are clipped."""
+        return 2 * self.f * (n - self.f) // n
+
+    def mixing(self, stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        n = stack.shape[0]
+        norms = sq_norms(stack, ctx).cpu().clamp_min(0).sqrt()
+        k = self.clipped(n)
+        scale = torch.ones(n, dtype=torch.float64)
+        if k > 0:
+            radius = norms.sort(descending=True).values[k]
+            over = norms > radius
+            scale[over] = radius / norms[over]
+        return torch.diag(scale)
+
+    def spec(self) -> str:
+        return f"arc(f={self.f})"
+
+
 class Bucketing(PreAggregator):
     r"""Bucketing: shuffle the rows and average consecutive buckets of ``s`` rows.
 
@@ -611,7 +671,8 @@ RULES: dict[str, type[Aggregator]] = {
     cls.name: cls
     for cls in (Mean, CoordinateMedian, TrimmedMean, Krum, MultiKrum, GeometricMedian, CenteredClipping)
 }
-PRE_AGGREGATORS: dict[str, type[PreAggregator]] = {"nnm": NearestNeighborMixing, "bucketing": Bucketing}
+PRE_AGGREGATORS: dict[str, type[PreAggregator]] = {
+    "nnm": NearestNeighborMixing, "arc": AdaptiveRobustClipping, "bucketing": Bucketing}
 
 
 def _lookup(registry: dict[str, type], kind: str, name: str) -> type:
@@ -634,7 +695,7 @@ def build_aggregator(
 
     Args:
         rule: a key of :data:`RULES`.
-        f: Byzantine rows to tolerate (passed to the rule and to ``nnm``).
+        f: Byzantine rows to tolerate (passed to the rule, ``nnm`` and ``arc``).
         pre: names from :data:`PRE_AGGREGATORS`, applied in order.
         bucket_size, seed: parameters of ``bucketing``.
         options: further keyword arguments of the rule (``tau``, ``iterations``, ``eps``,
@@ -653,7 +714,7 @@ def build_aggregator(
     steps: list[PreAggregator] = []
     for name in pre:
         step_cls = _lookup(PRE_AGGREGATORS, "pre-aggregation step", name)
-        steps.append(NearestNeighborMixing(f) if step_cls is NearestNeighborMixing else Bucketing(bucket_size, seed))
+        steps.append(Bucketing(bucket_size, seed) if step_cls is Bucketing else step_cls(f))
     return Pipeline(agg, steps)
 
 
@@ -662,6 +723,7 @@ __all__ = [
     "as_stack",
     "gram_matrix",
     "pairwise_sq_distances",
+    "sq_norms",
     "Aggregator",
     "Mean",
     "CoordinateMedian",
@@ -673,6 +735,7 @@ __all__ = [
     "CenteredClipping",
     "PreAggregator",
     "NearestNeighborMixing",
+    "AdaptiveRobustClipping",
     "Bucketing",
     "Pipeline",
     "RULES",

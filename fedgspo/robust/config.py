@@ -37,8 +37,9 @@ class AggregationConfig(BaseModel):
     mode: Literal["sharded", "replicated", "audited"] = Field(
         "sharded", description="sharded: all-reduce bytes; replicated: trusts no rank; audited: double-checked shards."
     )
-    pre: list[Literal["nnm", "bucketing"]] = Field(
-        default_factory=list, description="Pre-aggregation steps applied in order."
+    pre: list[Literal["nnm", "arc", "bucketing"]] = Field(
+        default_factory=list, description="Pre-aggregation steps applied in order (nnm: nearest-neighbour "
+        "mixing; arc: adaptive clipping of the largest norms; bucketing)."
     )
     bucket_size: int = Field(2, gt=0, description="Rows per bucket for 'bucketing'.")
     options: dict[str, float | int] = Field(
