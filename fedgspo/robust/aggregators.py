@@ -484,7 +484,22 @@ def _combine_rows(mixing: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
     return mixing.to(device=stack.device, dtype=stack.dtype) @ stack
 
 
-class NearestNeighborMixing(PreAggregator):
+class _PerRowStep(PreAggregator):
+    """A step that maps each of ``n`` rows to one row, tolerating ``f < n`` Byzantine rows."""
+
+    def __init__(self, f: int = 0) -> None:
+        self.f = _check_count("f", f)
+
+    def rows_out(self, n: int) -> int:
+        if self.f >= n:
+            raise ValueError(f"{self.name} cannot tolerate f={self.f} of n={n} rows: needs f < n")
+        return n
+
+    def spec(self) -> str:
+        return f"{self.name}(f={self.f})"
+
+
+class NearestNeighborMixing(_PerRowStep):
     r"""NNM: replace each row by the mean of its ``n - f`` nearest rows (itself included).
 
     Formula: :math:`y_i = \frac{1}{n-f}\sum_{j \in N_i} x_j`, :math:`N_i` the ``n - f`` rows
@@ -508,14 +523,6 @@ class NearestNeighborMixing(PreAggregator):
 
     name = "nnm"
 
-    def __init__(self, f: int = 0) -> None:
-        self.f = _check_count("f", f)
-
-    def rows_out(self, n: int) -> int:
-        if self.f >= n:
-            raise ValueError(f"nnm cannot tolerate f={self.f} of n={n} rows: needs f < n")
-        return n
-
     def mixing(self, stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
         n = stack.shape[0]
         k = n - self.f
@@ -524,17 +531,14 @@ class NearestNeighborMixing(PreAggregator):
         m.scatter_(1, nearest, 1.0 / k)
         return m
 
-    def spec(self) -> str:
-        return f"nnm(f={self.f})"
-
 
 def sq_norms(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-    """``(n,)`` float64 squared norms of the full rows: per-row sums over the shard (in the
-    stack's dtype, like :func:`gram_matrix`) and one reduction of ``n`` numbers."""
-    return ctx.sum_over_shards((stack * stack).sum(1).double())
+    """``(n,)`` float64 squared norms of the full rows: the shard's row norms (computed in the
+    stack's dtype, without a copy of the shard) and one reduction of ``n`` numbers."""
+    return ctx.sum_over_shards(torch.linalg.vector_norm(stack, dim=1).double().square())
 
 
-class AdaptiveRobustClipping(PreAggregator):
+class AdaptiveRobustClipping(_PerRowStep):
     r"""ARC: clip the ``k`` largest rows to the norm of the largest row left unclipped.
 
     Formula: with :math:`k = \lfloor 2 f (n - f) / n \rfloor` and :math:`r` the
@@ -561,14 +565,6 @@ class AdaptiveRobustClipping(PreAggregator):
 
     name = "arc"
 
-    def __init__(self, f: int = 0) -> None:
-        self.f = _check_count("f", f)
-
-    def rows_out(self, n: int) -> int:
-        if self.f >= n:
-            raise ValueError(f"arc cannot tolerate f={self.f} of n={n} rows: needs f < n")
-        return n
-
     def clipped(self, n: int) -> int:
         """``k``: how many of ``n`` rows are clipped."""
         return 2 * self.f * (n - self.f) // n
@@ -583,9 +579,6 @@ class AdaptiveRobustClipping(PreAggregator):
             over = norms > radius
             scale[over] = radius / norms[over]
         return torch.diag(scale)
-
-    def spec(self) -> str:
-        return f"arc(f={self.f})"
 
 
 class Bucketing(PreAggregator):
