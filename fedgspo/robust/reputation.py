@@ -10,7 +10,11 @@ persisted as an entity). :meth:`ReputationTracker.update` folds one
 * a quarantined rank with ``rehabilitate_after`` consecutive clean steps is released and
   its recent-flag window cleared;
 * a rank whose averages deviate across steps (:class:`~fedgspo.robust.detection.PersistentDeviation`,
-  ``persistence``) counts as flagged too, even when no single step flagged it.
+  ``persistence``) counts as flagged too, even when no single step flagged it;
+* a report that follows a consensus failure within the same rollout (``phase`` > 0) is not
+  folded in: the failed update left the weights as they were, so the same batch gave the same
+  gradients and its flags are the failed step's again (counted twice, two such steps and one
+  more flag quarantined an honest rank of 8 in a measured run).
 
 The update is pure arithmetic on the report, so trackers on different ranks that see the
 same reports (reports are identical on every rank) stay identical. Call it once per
@@ -111,6 +115,7 @@ class ReputationTracker:
         # each one's latest verdict.
         self.persistence: dict[int, PersistentDeviation] = {}
         self._persistent_flags: dict[int, list[int]] = {}
+        self._last_failed = False
 
     def _detector(self) -> PersistentDeviation:
         p = self.config.persistence
@@ -128,17 +133,26 @@ class ReputationTracker:
         statistics, so besides the average over all steps each phase is averaged on its own
         (warm-up counted per phase), and a rank in any of their latest verdicts is flagged.
         (A flipped-reward rank looks like a sign flip on the first update only: averaged with
-        the second, it was never flagged.)"""
+        the second, it was never flagged.)
+
+        A report with ``phase`` > 0 right after a report whose consensus failed repeats that
+        step's measurement (module docstring): nothing is folded in and its own flags are
+        returned."""
         flagged = set(report.flagged)
         if any(not 0 <= r < len(self.ranks) for r in flagged):
             raise ValueError(f"report flags {sorted(flagged)} outside 0..{len(self.ranks) - 1}")
+        repeat = phase % self.phases != 0 and self._last_failed
+        self._last_failed = report.consensus_failed
+        if repeat:
+            return sorted(flagged)
         if self.config.persistence.enabled and len(report.cosines) == len(self.ranks) == len(report.norms):
             # With one phase per rollout, the per-phase test would repeat the all-steps one.
             for key in (ALL_PHASES,) if self.phases == 1 else (ALL_PHASES, phase % self.phases):
                 if key not in self.persistence:
                     self.persistence[key] = self._detector()
                 self._persistent_flags[key] = self.persistence[key].update(
-                    report.cosines, report.norms, report.skews if len(report.skews) == len(self.ranks) else None)
+                    report.cosines, report.norms, report.skews if len(report.skews) == len(self.ranks) else None,
+                    excluded=report.excluded)
             flagged |= set().union(*self._persistent_flags.values())
         cfg = self.config
         for rep in self.ranks:
@@ -187,6 +201,7 @@ class ReputationTracker:
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (JSON-serialisable) for checkpoints."""
         return {"config": self.config.model_dump(), "ranks": [rep.model_dump() for rep in self.ranks],
+                "last_failed": self._last_failed,
                 "persistence": {str(phase): {**det.state_dict(), "flags": self._persistent_flags.get(phase, [])}
                                 for phase, det in self.persistence.items()}}
 
@@ -204,6 +219,7 @@ class ReputationTracker:
         current = [rep.participant for rep in self.ranks]
         by_participant = {rep.participant: rep for rep in saved if rep.participant is not None}
         self.persistence, self._persistent_flags = {}, {}
+        self._last_failed = bool(state.get("last_failed", False))
         if None not in current and by_participant:
             self.ranks = [by_participant[p].model_copy(update={"rank": r}) if p in by_participant
                           else RankReputation(rank=r, participant=p) for r, p in enumerate(current)]
