@@ -187,7 +187,7 @@ class Trainer:
         # Hot-swappable parts: reward, aggregation rule, LR schedule.
         self.swapper = build_swapper(
             reward=prepared.reward,
-            aggregator=agg.rule, lr_schedule=gspo.lr_scheduler_type,
+            aggregator=agg.rule_for(self.fed.num_sites), lr_schedule=gspo.lr_scheduler_type,
             run_dir=self.recorder.hotswap_root, bus=self.recorder.bus)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: self.swapper["lr_schedule"](s, cfg.train.max_steps, gspo.warmup_steps))
@@ -218,8 +218,8 @@ class Trainer:
         self.signals = StopSignals()
         self.preempted_by: str | None = None
         self.faults = FaultInjector(ctx.rank)
-        if self.fed.num_sites > 1 and self.aggregator.f == 0 and agg.rule != "mean":
-            self.recorder.say(f"note: {self.fed.num_sites} participants leave {agg.rule} no Byzantine tolerance "
+        if self.fed.num_sites > 1 and self.aggregator.f == 0 and self.aggregator.name != "mean":
+            self.recorder.say(f"note: {self.fed.num_sites} participants leave {self.aggregator.name} no Byzantine tolerance "
                               f"(f=0); use 3+ ranks (or sites) for f=1")
 
     # -- the step, in named parts --------------------------------------------------------------

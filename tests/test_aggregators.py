@@ -331,3 +331,20 @@ def test_aggregation_config_builds_all_reduce_arguments():
     for bad in ({"rule": "average"}, {"options": {"taux": 1.0}}, {"mode": "fast"}, {"unknown": 1}):
         with pytest.raises(ValidationError):
             AggregationConfig(**bad)
+
+
+def test_auto_rule_is_the_trimmed_mean_below_eight_participants_and_the_geometric_median_from_eight():
+    from pydantic import ValidationError
+
+    from fedgspo.robust.config import AUTO_GEOMETRIC_MEDIAN_FROM, AggregationConfig
+
+    cfg = AggregationConfig()
+    assert cfg.rule == "auto" and AUTO_GEOMETRIC_MEDIAN_FROM == 8
+    assert [cfg.rule_for(n) for n in (2, 4, 7, 8, 16)] == ["trimmed_mean"] * 3 + ["geometric_median"] * 2
+    assert cfg.build(world_size=4).spec() == "trimmed_mean(f=1)"
+    assert cfg.build(world_size=8).spec().startswith("geometric_median(f=3,")
+    assert cfg.build(world_size=8, rule="median").spec() == "median(f=3)"  # a hot swap names its rule
+    assert AggregationConfig(rule="trimmed_mean").build(world_size=8).spec() == "trimmed_mean(f=3)"
+    with pytest.raises(ValidationError, match="need a named rule"):
+        AggregationConfig(options={"tau": 1.0})
+    assert AggregationConfig(pre=["arc"]).build(world_size=8).spec().startswith("arc(f=3)+geometric_median(f=3,")

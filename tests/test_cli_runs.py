@@ -69,7 +69,7 @@ def test_show_summarises_the_run(runs: Path, capsys: pytest.CaptureFixture) -> N
     assert main(["show", str(runs / "main")]) == 0
     text = capsys.readouterr().out
     assert "status       completed, step 6/6, 1 rank(s)" in text
-    assert "rule trimmed_mean/sharded" in text and "task copy" in text
+    assert "rule auto->trimmed_mean/sharded" in text and "task copy" in text
     assert "reward       " in text and "(first 6 steps) ->" in text
     assert "flagged      none" in text and "quarantined  none" in text
     assert "step_00000006 (step 6)" in text and "final (step 6)" in text

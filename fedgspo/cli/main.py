@@ -283,14 +283,19 @@ def _configure_runs(parser: argparse.ArgumentParser) -> Runner:
     return run
 
 
-def _config_line(cfg: dict) -> str:
+def _config_line(cfg: dict, rule_used: str | None = None) -> str:
+    """One line of config highlights; ``rule_used``: the aggregator's spec from the run's
+    summary, which names the rule ``auto`` picked."""
     model, task, gspo, agg = (cfg.get(k) or {} for k in ("model", "task", "gspo", "aggregation"))
+    rule = agg.get("rule")
+    if rule == "auto" and rule_used:
+        rule = f"auto->{rule_used.split('(')[0]}"
     attack = cfg.get("attack") or {}
     built = f"{model.get('arch')} h{model.get('hidden_size')} L{model.get('num_layers')}"
     lora = f" +LoRA r={model['lora'].get('r')}" if model.get("lora") else ""
     data = f"data {task['dataset']} ({task.get('partition', 'iid')})" if task.get("dataset") else f"task {task.get('name')}"
     parts = [f"model {model.get('path') or built}{lora}", data,
-             f"rule {agg.get('rule')}/{agg.get('mode')} f={agg.get('f')}",
+             f"rule {rule}/{agg.get('mode')} f={agg.get('f')}",
              f"lr {gspo.get('learning_rate')}", f"G={gspo.get('num_generations')}"]
     if attack:
         parts.append(f"attack {attack.get('kind')} on ranks {attack.get('ranks')}")
@@ -317,7 +322,7 @@ def _configure_show(parser: argparse.ArgumentParser) -> Runner:
         print(f"run          {args.run_dir}")
         print(f"status       {info.status}, step {info.steps}/{info.total_steps or '?'}, "
               f"{info.world_size or '?'} rank(s), started {_when(info)}")
-        print(f"config       {_config_line(read_config(args.run_dir))}")
+        print(f"config       {_config_line(read_config(args.run_dir), summary.get('rule'))}")
         if rewards:
             print(f"reward       {sum(rewards[:window]) / window:.3f} (first {window} steps) -> "
                   f"{sum(rewards[-window:]) / window:.3f} (last {window}); last step {rewards[-1]:.3f}")

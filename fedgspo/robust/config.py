@@ -17,7 +17,9 @@ from fedgspo.robust.aggregators import Aggregator, build_aggregator
 from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND
 from fedgspo.robust.reputation import ReputationConfig
 
-RuleName = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping"]
+#: From this many participants ``rule: auto`` is the geometric median, below it the trimmed
+#: mean: measured at 4 and 8 ranks (benchmarks/README.md, "Other rules").
+AUTO_GEOMETRIC_MEDIAN_FROM = 8
 
 
 class AggregationConfig(BaseModel):
@@ -25,7 +27,10 @@ class AggregationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    rule: RuleName = Field("trimmed_mean", description="Aggregation rule (fedgspo.robust.aggregators.RULES).")
+    rule: Literal["auto", "mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
+                  "centered_clipping"] = Field(
+        "auto", description="Aggregation rule (fedgspo.robust.aggregators.RULES); 'auto': trimmed_mean below "
+        f"{AUTO_GEOMETRIC_MEDIAN_FROM} participants, geometric_median from {AUTO_GEOMETRIC_MEDIAN_FROM}.")
     f: int | Literal["auto"] = Field(
         "auto", description="Byzantine ranks to tolerate; 'auto': the most the rule allows for the world size."
     )
@@ -54,8 +59,18 @@ class AggregationConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rule_builds(self) -> "AggregationConfig":
-        self._make(self.rule, 0 if self.f == "auto" else self.f)
+        if self.rule == "auto" and self.options:
+            raise ValueError(f"options {sorted(self.options)} need a named rule: 'auto' picks trimmed_mean or "
+                             "geometric_median by the number of participants")
+        for rule in ("trimmed_mean", "geometric_median") if self.rule == "auto" else (self.rule,):
+            self._make(rule, 0 if self.f == "auto" else self.f)
         return self
+
+    def rule_for(self, world_size: int) -> str:
+        """The rule's name for ``world_size`` participants (``rule`` itself unless ``auto``)."""
+        if self.rule != "auto":
+            return self.rule
+        return "geometric_median" if world_size >= AUTO_GEOMETRIC_MEDIAN_FROM else "trimmed_mean"
 
     def _make(self, rule: str, f: int) -> Aggregator:
         return build_aggregator(rule, f, pre=self.pre, bucket_size=self.bucket_size, **self.options)
@@ -64,7 +79,7 @@ class AggregationConfig(BaseModel):
         """The rule object for ``world_size`` ranks (``rule`` overrides the configured name, as
         a hot swap does), with ``f`` resolved by :func:`tolerated_f`. Build it once per run
         (and per swap): it keeps state across calls. Raises ``ValueError`` for bad options."""
-        name = rule or self.rule
+        name = rule or self.rule_for(world_size)
         return self._make(name, tolerated_f(name, self.f, world_size, pre=self.pre))
 
     def fitted(self, agg: Aggregator, rule: str, usable: int) -> Aggregator:
