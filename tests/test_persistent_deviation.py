@@ -208,40 +208,6 @@ def test_a_zero_update_folds_a_skew_of_zero_and_old_states_load():
         det.update([0.5] * 4, [1.0] * 4, [0.0])
 
 
-def test_a_rank_left_out_of_the_aggregate_keeps_its_cosine_average():
-    """A quarantined rank's cosine to an aggregate it is not part of is biased low (every
-    aggregated rank pulls the aggregate towards itself): folded in, it would flag the rank for
-    good; left out, the rank is judged on what was measured while it was aggregated."""
-    rng = random.Random(5)
-    det, unfair = PersistentDeviation(N), PersistentDeviation(N)
-    for step in range(120):
-        cos, norms = honest_step(rng)
-        excluded = [0] if step >= 20 else []
-        if excluded:
-            cos[0] -= 0.35  # outside the aggregate: lower than the aggregated ranks' cosines
-        assert det.update(cos, norms, excluded=excluded) == []
-        unfair.update(cos, norms)
-    assert unfair.update(*honest_step(rng)) == [0]  # the bias alone flags it when folded in
-    assert det.cosine_updates[0] == 20 and det.updates[0] == 120
-
-
-def test_a_rank_never_aggregated_is_judged_on_its_norm_not_its_cosine():
-    det = PersistentDeviation(4, warmup=1)
-    for _ in range(15):
-        flags = det.update([0.5, 0.5, 0.5, -0.9], [1.0, 1.1, 0.9, 1.0], excluded=[3])
-    assert flags == [] and det.cosine_updates == [15, 15, 15, 0]
-    for _ in range(15):
-        flags = det.update([0.5, 0.5, 0.5, -0.9], [1.0, 1.1, 0.9, 50.0], excluded=[3])
-    assert flags == [3]
-    restored = PersistentDeviation(4, warmup=1)
-    state = det.state_dict()
-    restored.load_state_dict(state)
-    assert restored.state_dict() == state
-    del state["cosine_updates"]  # a state written before the cosine counts: every update counted
-    restored.load_state_dict(state)
-    assert restored.cosine_updates == restored.updates
-
-
 def test_a_report_repeating_a_failed_update_of_the_same_rollout_is_not_counted_again():
     """After a consensus failure the weights did not move: the rollout's next update measures
     the same gradients, and its flags are the failed step's again."""

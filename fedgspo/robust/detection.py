@@ -325,8 +325,7 @@ def detect(
 class PersistentDeviation:
     """Flag ranks whose *average* behaviour deviates, step after step (module docstring).
 
-    Per rank: ``c <- decay c + (1 - decay) cos_i`` (not for ranks in ``excluded``: below),
-    ``l <- decay l + (1 - decay)
+    Per rank: ``c <- decay c + (1 - decay) cos_i``, ``l <- decay l + (1 - decay)
     (log ||x_i|| - median_j log ||x_j||)`` (clipped to ``+-log_ratio_cap`` when set) and, when
     skews are given, ``k <- decay k + (1 - decay) skew_i`` (a zero update folds in 0), all
     bias-corrected like Adam's moments; nonfinite statistics leave a rank's averages unchanged.
@@ -339,13 +338,14 @@ class PersistentDeviation:
     tiny differences significant. State is plain data, identical on every rank when fed
     identical reports (:meth:`state_dict` for checkpoints).
 
-    A rank left out of the aggregate (quarantined) keeps its cosine average as it was: every
-    aggregated rank pulls the aggregate towards itself, so a rank outside it has a lower cosine
-    than the ranks inside for no fault of its own (an honest rank of 8, quarantined while the
-    geometric median aggregated 4: its average fell from 0.46 to 0.17 while the others' stayed
-    at 0.47-0.61), and the average would keep it flagged, hence quarantined, for good. Its norm
-    and skew averages go on (neither depends on being aggregated); a rank never measured while
-    aggregated has no cosine average and is not judged on it.
+    Limit: a rank left out of the aggregate (quarantined) is compared with ranks inside it,
+    each of which pulls the aggregate towards itself, so its cosine average falls for no fault
+    of its own (an honest rank of 8 outside a geometric median of 4: 0.46 to 0.17 over 100
+    steps, the aggregated ranks' 0.47-0.61), which holds a wrongly quarantined rank. The same
+    pull holds a flipped-reward attacker, whose average deviates by about as much (0.33 against
+    0.44-0.52 when it was quarantined): with the averages of left-out ranks frozen it was
+    released after 63 steps and trained with the others to the end (seed 0, 4 ranks), so they
+    go on. A cosine to the aggregate of the *other* ranks would remove the pull from both.
     """
 
     def __init__(self, world_size: int, decay: float = 0.95, threshold: float = DEFAULT_THRESHOLD,
@@ -359,13 +359,10 @@ class PersistentDeviation:
         self.log_norm_ema = [0.0] * world_size
         self.skew_ema = [0.0] * world_size
         self.updates = [0] * world_size
-        self.cosine_updates = [0] * world_size
 
-    def update(self, cosines: list[float], norms: list[float], skews: list[float] | None = None,
-               excluded: list[int] | tuple[int, ...] = ()) -> list[int]:
+    def update(self, cosines: list[float], norms: list[float], skews: list[float] | None = None) -> list[int]:
         """Fold one step's statistics in; the ranks flagged after it (sorted). ``skews``: one
         per rank, or None/empty (not measured: the skew averages stay as they are).
-        ``excluded``: ranks left out of this step's aggregate (their cosines are not folded in).
 
         Raises ``ValueError`` when a list does not have one entry per rank."""
         n = len(self.updates)
@@ -383,9 +380,7 @@ class PersistentDeviation:
         d = self.decay
         for i in range(n):
             if finite[i]:
-                if i not in excluded:
-                    self.cosine_ema[i] = d * self.cosine_ema[i] + (1 - d) * cosines[i]
-                    self.cosine_updates[i] += 1
+                self.cosine_ema[i] = d * self.cosine_ema[i] + (1 - d) * cosines[i]
                 ratio = log_norms[i] - median
                 if self.log_ratio_cap is not None:
                     ratio = max(-self.log_ratio_cap, min(self.log_ratio_cap, ratio))
@@ -398,8 +393,7 @@ class PersistentDeviation:
         if len(ready) < 3:  # no majority to compare with
             return []
         corrections = [1 - d ** self.updates[i] for i in ready]
-        cos = [self.cosine_ema[i] / (1 - d ** self.cosine_updates[i]) if self.cosine_updates[i] else math.nan
-               for i in ready]
+        cos = [self.cosine_ema[i] / c for i, c in zip(ready, corrections)]
         log = [self.log_norm_ema[i] / c for i, c in zip(ready, corrections)]
         skew = [self.skew_ema[i] / c for i, c in zip(ready, corrections)]
         z_c = robust_z(cos, floor=self.cosine_floor)
@@ -411,12 +405,10 @@ class PersistentDeviation:
 
     def state_dict(self) -> dict[str, list]:
         return {"cosine_ema": list(self.cosine_ema), "log_norm_ema": list(self.log_norm_ema),
-                "skew_ema": list(self.skew_ema), "updates": list(self.updates),
-                "cosine_updates": list(self.cosine_updates)}
+                "skew_ema": list(self.skew_ema), "updates": list(self.updates)}
 
     def load_state_dict(self, state: dict[str, list]) -> None:
-        """Restore :meth:`state_dict` (a state without skew averages starts them at 0; one
-        without cosine counts has counted every update);
+        """Restore :meth:`state_dict` (a state without skew averages starts them at 0);
         ``ValueError`` if the world size differs."""
         if len(state["updates"]) != len(self.updates):
             raise ValueError(f"state has {len(state['updates'])} ranks, detector has {len(self.updates)}")
@@ -424,7 +416,6 @@ class PersistentDeviation:
         self.log_norm_ema = [float(v) for v in state["log_norm_ema"]]
         self.skew_ema = [float(v) for v in state.get("skew_ema", [0.0] * len(self.updates))]
         self.updates = [int(v) for v in state["updates"]]
-        self.cosine_updates = [int(v) for v in state.get("cosine_updates", self.updates)]
 
 
 def false_alarm_rate(

@@ -151,8 +151,7 @@ class ReputationTracker:
                 if key not in self.persistence:
                     self.persistence[key] = self._detector()
                 self._persistent_flags[key] = self.persistence[key].update(
-                    report.cosines, report.norms, report.skews if len(report.skews) == len(self.ranks) else None,
-                    excluded=report.excluded)
+                    report.cosines, report.norms, report.skews if len(report.skews) == len(self.ranks) else None)
             flagged |= set().union(*self._persistent_flags.values())
         cfg = self.config
         for rep in self.ranks:
