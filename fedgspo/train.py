@@ -219,8 +219,8 @@ class Trainer:
         self.preempted_by: str | None = None
         self.faults = FaultInjector(ctx.rank)
         if self.fed.num_sites > 1 and self.aggregator.f == 0 and self.aggregator.name != "mean":
-            self.recorder.say(f"note: {self.fed.num_sites} participants leave {self.aggregator.name} no Byzantine tolerance "
-                              f"(f=0); use 3+ ranks (or sites) for f=1")
+            self.recorder.say(f"note: {self.fed.num_sites} participants leave {self.aggregator.name} no Byzantine "
+                              f"tolerance (f=0); use 3+ ranks (or sites) for f=1")
 
     # -- the step, in named parts --------------------------------------------------------------
 

@@ -348,3 +348,11 @@ def test_auto_rule_is_the_trimmed_mean_below_eight_participants_and_the_geometri
     with pytest.raises(ValidationError, match="need a named rule"):
         AggregationConfig(options={"tau": 1.0})
     assert AggregationConfig(pre=["arc"]).build(world_size=8).spec().startswith("arc(f=3)+geometric_median(f=3,")
+
+
+def test_arc_on_half_precision_rows_clips_like_float64():
+    x = random_stack(5, 64, 12)
+    x[4] = 15000.0  # every entry fits float16 (max 65504), its norm (120000) does not
+    for dtype in (torch.float16, torch.bfloat16):
+        got = A.AdaptiveRobustClipping(f=1)(x.to(dtype)).double()
+        torch.testing.assert_close(got, ref_arc(x.to(dtype).double(), 1), rtol=2e-2, atol=2e-2)

@@ -533,9 +533,11 @@ class NearestNeighborMixing(_PerRowStep):
 
 
 def sq_norms(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-    """``(n,)`` float64 squared norms of the full rows: the shard's row norms (computed in the
-    stack's dtype, without a copy of the shard) and one reduction of ``n`` numbers."""
-    return ctx.sum_over_shards(torch.linalg.vector_norm(stack, dim=1).double().square())
+    """``(n,)`` float64 squared norms of the full rows: the shard's row norms (in the stack's
+    dtype, half precision in float32, whose squares do not overflow) and one reduction of ``n``
+    numbers."""
+    wide = torch.float32 if stack.dtype in (torch.float16, torch.bfloat16) else None
+    return ctx.sum_over_shards(torch.linalg.vector_norm(stack, dim=1, dtype=wide).double().square())
 
 
 class AdaptiveRobustClipping(_PerRowStep):

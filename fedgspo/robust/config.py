@@ -18,7 +18,7 @@ from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND
 from fedgspo.robust.reputation import ReputationConfig
 
 #: From this many participants ``rule: auto`` is the geometric median, below it the trimmed
-#: mean: measured at 4 and 8 ranks (benchmarks/README.md, "Other rules").
+#: mean: measured at 4 and 8 ranks (benchmarks/README.md, "`rule: auto`").
 AUTO_GEOMETRIC_MEDIAN_FROM = 8
 
 
