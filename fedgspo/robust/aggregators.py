@@ -532,12 +532,16 @@ class NearestNeighborMixing(_PerRowStep):
         return m
 
 
+def norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype to compute norms of ``dtype`` values in: float32 for half precision, whose
+    squares overflow early; None (the values' own) otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def sq_norms(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-    """``(n,)`` float64 squared norms of the full rows: the shard's row norms (in the stack's
-    dtype, half precision in float32, whose squares do not overflow) and one reduction of ``n``
-    numbers."""
-    wide = torch.float32 if stack.dtype in (torch.float16, torch.bfloat16) else None
-    return ctx.sum_over_shards(torch.linalg.vector_norm(stack, dim=1, dtype=wide).double().square())
+    """``(n,)`` float64 squared norms of the full rows: the shard's row norms (in
+    :func:`norm_dtype`) and one reduction of ``n`` numbers."""
+    return ctx.sum_over_shards(torch.linalg.vector_norm(stack, dim=1, dtype=norm_dtype(stack.dtype)).double().square())
 
 
 class AdaptiveRobustClipping(_PerRowStep):
@@ -718,6 +722,7 @@ __all__ = [
     "as_stack",
     "gram_matrix",
     "pairwise_sq_distances",
+    "norm_dtype",
     "sq_norms",
     "Aggregator",
     "Mean",

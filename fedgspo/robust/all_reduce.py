@@ -106,7 +106,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from fedgspo.robust.aggregators import Aggregator, build_aggregator
+from fedgspo.robust.aggregators import Aggregator, build_aggregator, norm_dtype
 from fedgspo.robust.authentication import ExchangeAuthenticator
 from fedgspo.robust.compression import CODECS
 from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND, detect, statistics_from_partial
@@ -252,9 +252,8 @@ def _metadata_row(
 ) -> torch.Tensor:
     """This rank's float64 metadata row (slots ``META_*``)."""
     flat = tensor.reshape(-1)
-    # Half-precision squares overflow early: accumulate those in float32.
-    wide = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
-    sq_norm = torch.linalg.vector_norm(flat, dtype=wide).double().square().item() if flat.is_floating_point() else 0.0
+    sq_norm = (torch.linalg.vector_norm(flat, dtype=norm_dtype(tensor.dtype)).double().square().item()
+               if flat.is_floating_point() else 0.0)
     return torch.tensor(
         [flat.numel(), _DTYPE_CODES.get(tensor.dtype, 0), f, _crc(config_text), float(bool(error)), sq_norm,
          -1 if step is None else step],

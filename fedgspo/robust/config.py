@@ -62,7 +62,7 @@ class AggregationConfig(BaseModel):
         if self.rule == "auto" and self.options:
             raise ValueError(f"options {sorted(self.options)} need a named rule: 'auto' picks trimmed_mean or "
                              "geometric_median by the number of participants")
-        for rule in ("trimmed_mean", "geometric_median") if self.rule == "auto" else (self.rule,):
+        for rule in dict.fromkeys((self.rule_for(1), self.rule_for(AUTO_GEOMETRIC_MEDIAN_FROM))):  # auto's picks
             self._make(rule, 0 if self.f == "auto" else self.f)
         return self
 
