@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from fedgspo.robust.order_stats import order_statistic_mean
+from fedgspo.robust.precision import products, row_sq_norms
 
 
 def _local_sum(partial: torch.Tensor) -> torch.Tensor:
@@ -74,8 +75,8 @@ def _check_positive(name: str, value: float) -> float:
 def gram_matrix(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
     """``(n, n)`` float64 Gram matrix ``<x_i, x_j>`` of the full rows: one matrix product over
     the shard and one reduction of ``n^2`` numbers (the products accumulate in the stack's
-    dtype)."""
-    return ctx.sum_over_shards((stack @ stack.T).double())
+    dtype, half precision in float32: :func:`~fedgspo.robust.precision.products`)."""
+    return ctx.sum_over_shards(products(stack, stack.T))
 
 
 class _Span:
@@ -532,16 +533,10 @@ class NearestNeighborMixing(_PerRowStep):
         return m
 
 
-def norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype to compute norms of ``dtype`` values in: float32 for half precision, whose
-    squares overflow early; None (the values' own) otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-
-
 def sq_norms(stack: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
     """``(n,)`` float64 squared norms of the full rows: the shard's row norms (in
-    :func:`norm_dtype`) and one reduction of ``n`` numbers."""
-    return ctx.sum_over_shards(torch.linalg.vector_norm(stack, dim=1, dtype=norm_dtype(stack.dtype)).double().square())
+    :func:`~fedgspo.robust.precision.norm_dtype`) and one reduction of ``n`` numbers."""
+    return ctx.sum_over_shards(row_sq_norms(stack))
 
 
 class AdaptiveRobustClipping(_PerRowStep):
@@ -722,7 +717,6 @@ __all__ = [
     "as_stack",
     "gram_matrix",
     "pairwise_sq_distances",
-    "norm_dtype",
     "sq_norms",
     "Aggregator",
     "Mean",

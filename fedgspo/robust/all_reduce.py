@@ -106,9 +106,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from fedgspo.robust.aggregators import Aggregator, build_aggregator, norm_dtype
+from fedgspo.robust.aggregators import Aggregator, build_aggregator
 from fedgspo.robust.authentication import ExchangeAuthenticator
 from fedgspo.robust.compression import CODECS
+from fedgspo.robust.precision import norm_dtype
 from fedgspo.robust.detection import DEFAULT_THRESHOLD, SKEW_BOUND, detect, statistics_from_partial
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.shard_exchange import (

@@ -107,6 +107,7 @@ import torch.distributed as dist
 from fedgspo.robust.compression import decode_int8_rows, encode_int8, payload_numel
 from fedgspo.distributed import all_gather_single
 from fedgspo.robust.aggregators import Aggregator, ShardContext
+from fedgspo.robust.precision import products, row_sq_norms
 
 #: Relative tolerance (of the largest finite entry) within which an audit accepts a claim.
 AUDIT_RTOL = 1e-5
@@ -253,15 +254,16 @@ def partial_stats(stack: torch.Tensor, agg: torch.Tensor, keep: list[int]) -> to
     over the columns held (:class:`StatSums`). The sign sums run over the *spread columns*,
     those where the ``keep`` rows are not all equal (their coordinate-wise standard deviation
     is positive), and ``count`` is their number: the skew of :mod:`fedgspo.robust.detection`
-    (NaN for a row that is not finite, by its squared norm)."""
-    dots = (stack @ agg).double()
-    sq = torch.linalg.vector_norm(stack, dim=1).double().square()
+    (NaN for a row that is not finite, by its squared norm). Products of half-precision rows
+    in float32 (:mod:`fedgspo.robust.precision`)."""
+    dots = products(stack, agg)
+    sq = row_sq_norms(stack)
     rows = kept_rows(stack, keep)
     spread = (rows != rows[:1]).any(0) if keep else torch.zeros_like(agg, dtype=torch.bool)
     above, below = (stack > agg) & spread, (stack < agg) & spread
     signs = above.sum(1).double() - below.sum(1).double()
     count = spread.sum().double().reshape(1)
-    return torch.cat([dots, sq, torch.dot(agg, agg).double().reshape(1), signs, count])
+    return torch.cat([dots, sq, products(agg, agg).reshape(1), signs, count])
 
 
 def all_reduce_sum(group: dist.ProcessGroup | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
