@@ -57,6 +57,7 @@ def _all_scenarios(rank: int, world: int) -> dict:
         "bad_inputs": _bad_inputs(rank, world),
         "detection": _detection(rank, world),
         "ddp": _ddp(rank, world),
+        "half": _half(rank, world),
     }
 
 
@@ -222,6 +223,36 @@ def test_ddp_comm_hook_applies_the_rule_per_bucket(scenarios):
     for robust_grad, _, buckets, failed in results:
         torch.testing.assert_close(robust_grad, expected)
         assert buckets >= 1 and not failed
+
+
+HALF_RULES = (("trimmed_mean", 1, {}), ("krum", 0, {}), ("geometric_median", 1, {}))
+
+
+def half_updates() -> torch.Tensor:
+    """float16 updates of norm ~1300 (their squares overflow float16's 65504)."""
+    return (40.0 * updates(1000, spread=1.0)).half()
+
+
+def _half(rank: int, world: int) -> dict:
+    out = {}
+    for mode in MODES:
+        for i, (rule, f, kw) in enumerate(HALF_RULES):
+            t = half_updates()[rank].clone()
+            out[(mode, i)] = (t, robust_all_reduce(t, rule, f, mode=mode, **kw))
+    return out
+
+
+@pytest.mark.slow
+def test_half_precision_updates_of_large_norm_aggregate_like_float64(scenarios):
+    x = half_updates()
+    for (mode, i), (t, report) in scenarios["half"][0].items():
+        rule, f, kw = HALF_RULES[i]
+        expected = build_aggregator(rule, f, **kw)(x.double())
+        assert t.dtype == torch.float16 and torch.isfinite(t).all(), (mode, rule)
+        assert not report.flagged and not report.consensus_failed, (mode, rule, report.reason)
+        assert all(math.isfinite(c) for c in report.cosines), (mode, rule)
+        assert float((t.double() - expected).norm() / expected.norm()) < 2e-3, (mode, rule)
+        assert all(torch.equal(r[(mode, i)][0], t) for r in scenarios["half"]), (mode, rule)  # every rank
 
 
 def test_single_process_is_identity():
