@@ -514,6 +514,7 @@ class Trainer:
             "tokens_per_s": length * rewards.numel() * self.ctx.world_size / step_time,
             "flagged_frac": len(report.flagged) / self.fed.num_sites, **self.fed.take_bytes(),
             "rank_z_score": report.z_scores, "rank_skew": report.skews, "rank_norm": report.norms,
+            "rank_cosine": report.cosines,
             "rank_trust": [r.trust for r in ranks], "rank_flags": [r.flags for r in ranks],
             "rank_quarantined": [int(r.quarantined) for r in ranks],
             **self.resources(), **self.recorder.counters(),

@@ -122,10 +122,12 @@ def test_a_persistent_attacker_is_quarantined_and_no_honest_rank_ever_is(tmp_pat
 def test_an_in_spread_alie_attacker_is_caught_by_its_skew(tmp_path):
     """Defaults, 4 ranks, 30 steps: rank 3 sends ALIE's ``mean - 1.5 std`` (inside the honest
     spread on norm, distance and cosine); its skew flags it from the first steps, it is
-    quarantined, and no honest rank ever is. Every rank's update norm is in the step record,
-    and on this task it stays far below centered clipping's default radius (``tau`` = 100)."""
+    quarantined, and no honest rank ever is. Every rank's update norm and cosine to the
+    aggregate are in the step record; the norm stays far below centered clipping's default
+    radius (``tau`` = 100)."""
     records = _train(tmp_path, "alie", 30, "attack={kind: alie, ranks: [3], strength: 1.5}")
     assert all(len(r["rank_norm"]) == 4 and all(0 < x < 10 for x in r["rank_norm"]) for r in records)
+    assert all(len(r["rank_cosine"]) == 4 and all(-1 <= c <= 1 for c in r["rank_cosine"]) for r in records)
     assert all(r["rank_skew"][3] < -0.5 for r in records if 3 not in r["quarantined"])
     assert 3 in records[5]["quarantined"] and 3 in records[-1]["quarantined"]
     assert all(set(r["quarantined"]) <= {3} and set(r["flagged"]) <= {3} for r in records)

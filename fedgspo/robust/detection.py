@@ -345,7 +345,14 @@ class PersistentDeviation:
     pull holds a flipped-reward attacker, whose average deviates by about as much (0.33 against
     0.44-0.52 when it was quarantined): with the averages of left-out ranks frozen it was
     released after 63 steps and trained with the others to the end (seed 0, 4 ranks), so they
-    go on. A cosine to the aggregate of the *other* ranks would remove the pull from both.
+    go on. The cosine to the sum of the *other* aggregated updates removes the pull, and with it
+    what holds the flipped-reward attacker: on these tiny batches honest updates are nearly
+    orthogonal to each other, so a flipped one is too (averaged over the first update of each
+    rollout, seed 0: 0.02 / -0.07 / 0.01 at steps 60 / 200 / 298 against the honest ranks'
+    -0.06 to 0.12). Averaging the leave-one-out cosine instead, that attacker was released at
+    step 48 (seed 0) or never quarantined (seed 1), 91 % of clean over three seeds against 99 %;
+    the three sign flippers under centered clipping stayed unflagged either way
+    (benchmarks/README.md, "Leave-one-out cosine").
     """
 
     def __init__(self, world_size: int, decay: float = 0.95, threshold: float = DEFAULT_THRESHOLD,
