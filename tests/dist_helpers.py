@@ -4,6 +4,10 @@ Each worker initialises ``torch.distributed`` over ``tcp://127.0.0.1:<free port>
 ``fn(rank, world_size, *args)`` and sends back (pickled) its return value or the exception's type and
 message. A worker that does not finish within ``timeout`` seconds fails the test (a hang
 is a bug, never a reason to wait longer).
+
+Workers are forked from a fork server that has imported :data:`PRELOAD` once for the whole
+session, not spawned as fresh interpreters that import torch and transformers again; each
+one starts with the environment of the test that runs it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+#: Modules the fork server imports before it forks any worker.
+PRELOAD = ["torch", "torch.distributed", "transformers"]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any,
+            env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.setdefault("FEDGSPO_COMPILE", "0")
     import torch
 
@@ -44,10 +55,12 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 4, *args: Any, timeout: 
 
     ``status`` is ``"ok"`` or ``"error"`` (then ``value`` is type, message, traceback).
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, env)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, tuple[str, Any]] = {}
