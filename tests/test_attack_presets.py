@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from dist_helpers import train_ranks
 from fedgspo.robust.attacks import ATTACKS
 from fedgspo.config import load_config
 
@@ -27,11 +26,9 @@ def test_preset_validates_with_one_attacker_of_four(kind):
 @pytest.mark.slow
 def test_attack_preset_runs_on_four_ranks_and_flags_an_overt_attacker(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           "-m", "fedgspo.train", "--config", str(PRESETS["sign_flip"]), f"run.dir={run}",
-           "train.max_steps=6", "run.progress_bar=false", "run.tensorboard=false", "bookkeeping.enabled=false",
-           "attack.kind=gaussian"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = train_ranks(["--config", str(PRESETS["sign_flip"]), f"run.dir={run}", "train.max_steps=6",
+                        "run.progress_bar=false", "run.tensorboard=false", "bookkeeping.enabled=false",
+                        "attack.kind=gaussian"], 4, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6
@@ -44,11 +41,9 @@ def test_protocol_liar_in_audited_training_is_flagged_and_weights_agree(tmp_path
     """A rank lying inside the exchange of a real run: audited mode flags it, flags no honest
     rank, and every rank ends with the same weights."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           "-m", "fedgspo.train", "--config", str(PRESETS["sign_flip"]), f"run.dir={run}",
-           "train.max_steps=4", "run.tensorboard=false", "bookkeeping.enabled=false",
-           "aggregation.mode=audited", f"attack.kind={kind}", "proof.rate=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = train_ranks(["--config", str(PRESETS["sign_flip"]), f"run.dir={run}", "train.max_steps=4",
+                        "run.tensorboard=false", "bookkeeping.enabled=false", "aggregation.mode=audited",
+                        f"attack.kind={kind}", "proof.rate=0"], 4, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["flagged"] == [3] for r in records), [r["flagged"] for r in records]

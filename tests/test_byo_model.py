@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import hf_fixtures as H
+from dist_helpers import train_ranks
 from fedgspo.telemetry.metrics import read_metrics
 
 REWARD_MODULE = '''
@@ -52,11 +53,15 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def launch(root: Path, args: list[str], *, nproc: int = 2, env: dict[str, str] | None = None
-           ) -> subprocess.CompletedProcess:
+def launch(root: Path, args: list[str], *, nproc: int = 2, env: dict[str, str] | None = None,
+           torchrun: bool = False) -> subprocess.CompletedProcess:
+    """``fedgspo.train`` on ``nproc`` ranks in ``root``, which is on the ranks' import path:
+    forked ranks (:func:`dist_helpers.train_ranks`), or torchrun itself with ``torchrun``."""
+    environ = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
+    if not torchrun:
+        return train_ranks([*FAST, *args], nproc, env=environ, cwd=root, timeout=600)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "fedgspo.train", *FAST, *args]
-    environ = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=environ, cwd=root)
 
 
@@ -145,7 +150,7 @@ def test_by_file_partition_reads_only_the_ranks_own_file(workspace: Path) -> Non
     proc = launch(workspace, [f"run.dir={workspace / 'by_file_missing'}", f"model.path={workspace / 'model'}",
                               f"task.dataset={sites / 'site_{rank}.jsonl'}", "task.partition=by_file",
                               "task.reward_funcs=[{name: user_rewards:seen_rows}]", "train.max_steps=2"],
-                  env={"SEEN_LOG": str(log)})
+                  env={"SEEN_LOG": str(log)}, torchrun=True)
     line = one_error_line(proc)
     assert "rank 1" in line and "site_1.jsonl" in line
     assert not (workspace / "by_file_missing").exists()

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_helpers import run_ranks, values
+from dist_helpers import run_ranks, train_ranks, values
 from fedgspo.federation.config import FederatedConfig
 from fedgspo.federation.outer import OuterOptimizer
 from fedgspo.federation.sites import SiteError, SiteLayout
@@ -162,9 +162,14 @@ def test_outer_step_matches_torch_sgd(cfg):
 # -- whole runs ----------------------------------------------------------------------------------
 
 def _torchrun(run, nproc: int, *overrides: str, env: dict | None = None, restarts: int = 0):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={restarts}", "-m", "fedgspo.train", f"run.dir={run}", *FAST, *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    """A run of ``nproc`` ranks (torchrun when it restarts failed ranks, else forked ranks)."""
+    args = [f"run.dir={run}", *FAST, *overrides]
+    if restarts:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               f"--max-restarts={restarts}", "-m", "fedgspo.train", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    else:
+        proc = train_ranks(args, nproc, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((run / "summary.json").read_text()), read_metrics(run)
 

@@ -8,14 +8,12 @@ The full-size measurement (300 steps, seeds 0, 1 and 2, every attack, n = 4 and 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dist_helpers import run_ranks
+from dist_helpers import run_ranks, train_ranks
 from fedgspo.config import load_config
 from fedgspo.robust.attacks import ATTACKS, SLEEPER_START, AttackConfig, apply_attack
 from fedgspo.robust.detection import detect, statistics_from_partial
@@ -98,11 +96,9 @@ def test_colluding_adaptive_attacks():
 
 def _train(tmp_path: Path, name: str, steps: int, *extra: str, nproc: int = 4) -> list[dict]:
     run = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fedgspo.train", f"run.dir={run}", f"train.max_steps={steps}", "run.progress_bar=false",
-           "run.tensorboard=false", "run.log_every=1000", "bookkeeping.enabled=false", "task.prompts_per_rank=2",
-           "proof.rate=0", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    proc = train_ranks([f"run.dir={run}", f"train.max_steps={steps}", "run.progress_bar=false",
+                        "run.tensorboard=false", "run.log_every=1000", "bookkeeping.enabled=false",
+                        "task.prompts_per_rank=2", "proof.rate=0", *extra], nproc, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
