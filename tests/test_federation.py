@@ -161,7 +161,7 @@ def test_outer_step_matches_torch_sgd(cfg):
 
 # -- whole runs ----------------------------------------------------------------------------------
 
-def _torchrun(run, nproc: int, *overrides: str, env: dict | None = None, restarts: int = 0):
+def _launch(run, nproc: int, *overrides: str, env: dict | None = None, restarts: int = 0):
     """A run of ``nproc`` ranks (torchrun when it restarts failed ranks, else forked ranks)."""
     args = [f"run.dir={run}", *FAST, *overrides]
     if restarts:
@@ -176,7 +176,7 @@ def _torchrun(run, nproc: int, *overrides: str, env: dict | None = None, restart
 
 @pytest.mark.slow
 def test_two_sites_of_two_ranks_with_local_steps_and_int8(tmp_path):
-    summary, records = _torchrun(tmp_path / "r", 4, "federated.site_size=2", "federated.local_steps=4",
+    summary, records = _launch(tmp_path / "r", 4, "federated.site_size=2", "federated.local_steps=4",
                                  "federated.compression=int8", "federated.error_feedback=true",
                                  "train.max_steps=8", "aggregation.rule=mean")
     hashes = summary["weights_sha256_per_rank"]
@@ -193,8 +193,8 @@ def test_local_steps_resume_mid_round_reproduces_the_uninterrupted_run(tmp_path)
     common = ["federated.site_size=2", "federated.local_steps=4", "federated.compression=int8",
               "federated.error_feedback=true", "train.max_steps=8", "checkpoint.every=2",
               "checkpoint.resume=auto", "aggregation.rule=mean"]
-    clean, _ = _torchrun(tmp_path / "clean", 4, *common)
-    resumed, _ = _torchrun(tmp_path / "killed", 4, *common, env={"FEDGSPO_FAULT": "kill:1:7"}, restarts=1)
+    clean, _ = _launch(tmp_path / "clean", 4, *common)
+    resumed, _ = _launch(tmp_path / "killed", 4, *common, env={"FEDGSPO_FAULT": "kill:1:7"}, restarts=1)
     assert resumed["resumed_at"] == 6  # two steps into the round of steps 4..7
     assert resumed["weights_sha256"] == clean["weights_sha256"]
     assert (tmp_path / "killed" / "sites" / "site1" / "step_00000006" / "manifest.json").is_file()
@@ -204,7 +204,7 @@ def test_local_steps_resume_mid_round_reproduces_the_uninterrupted_run(tmp_path)
 def test_a_bad_site_is_flagged_and_quarantined(tmp_path):
     # three sites of unequal size; site 2 (rank 3) sends noise as its pseudo-gradient. Once it is
     # quarantined the two others are too few for f = 1: the median goes on with f = 0.
-    summary, records = _torchrun(
+    summary, records = _launch(
         tmp_path / "r", 4, "federated.sites=[[0,1],[2],[3]]", "federated.local_steps=2", "train.max_steps=10",
         "aggregation.rule=median", "attack.kind=gaussian", "attack.ranks=[2]", "attack.strength=1.0",
         "aggregation.reputation.quarantine_after=2")
@@ -218,8 +218,8 @@ def test_a_bad_site_is_flagged_and_quarantined(tmp_path):
 @pytest.mark.slow
 def test_one_site_per_rank_and_one_step_is_the_per_rank_trainer(tmp_path):
     base = ["train.max_steps=6", "aggregation.rule=median", "attack.kind=sign_flip", "attack.ranks=[2]"]
-    default, _ = _torchrun(tmp_path / "default", 3, *base)
-    explicit, records = _torchrun(tmp_path / "explicit", 3, *base, "federated.sites=[[0],[1],[2]]",
+    default, _ = _launch(tmp_path / "default", 3, *base)
+    explicit, records = _launch(tmp_path / "explicit", 3, *base, "federated.sites=[[0],[1],[2]]",
                                   "federated.local_steps=1")
     assert explicit["weights_sha256"] == default["weights_sha256"]
     assert all("round" not in r and r["comm_bytes_intra"] == 0 for r in records)
