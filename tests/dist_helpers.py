@@ -141,29 +141,27 @@ def train_ranks(argv: list[str], nproc: int, *, env: dict[str, str] | None = Non
     ctx = _context()
     port = free_port()
     environ = {**os.environ, **(env or {})}
-    workdir = Path(cwd or os.getcwd())
     logdir = Path(tempfile.mkdtemp(prefix="fedgspo-ranks-"))
     logs = [logdir / f"rank{r}.log" for r in range(nproc)]
-    procs = [ctx.Process(target=_train_worker, args=(r, nproc, port, argv, environ, str(workdir), str(logs[r])))
+    procs = [ctx.Process(target=_train_worker, args=(r, nproc, port, argv, environ, str(cwd or os.getcwd()),
+                                                     str(logs[r])))
              for r in range(nproc)]
     for p in procs:
         p.start()
-    deadline, code = time.monotonic() + timeout, 0
+    deadline = time.monotonic() + timeout
     try:
-        while any(p.exitcode is None for p in procs):
-            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if failed:
-                code = failed[0]
-                break
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(["fedgspo.train", *argv], timeout)
-            time.sleep(0.05)
-        code = code or next((p.exitcode for p in procs if p.exitcode), 0)
+        try:
+            while any(p.exitcode is None for p in procs) and not any(p.exitcode for p in procs):
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(["fedgspo.train", *argv], timeout)
+                time.sleep(0.05)
+            code = next((p.exitcode for p in procs if p.exitcode), 0)
+        finally:
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+                p.join()
+        output = "".join(log.read_text(errors="replace") for log in logs if log.exists())
     finally:
-        for p in procs:
-            if p.exitcode is None:
-                p.kill()
-            p.join()
-    output = "".join(log.read_text(errors="replace") for log in logs if log.exists())
-    shutil.rmtree(logdir, ignore_errors=True)
+        shutil.rmtree(logdir, ignore_errors=True)
     return subprocess.CompletedProcess(["fedgspo.train", *argv], code, output, output)

@@ -177,8 +177,8 @@ def _launch(run, nproc: int, *overrides: str, env: dict | None = None, restarts:
 @pytest.mark.slow
 def test_two_sites_of_two_ranks_with_local_steps_and_int8(tmp_path):
     summary, records = _launch(tmp_path / "r", 4, "federated.site_size=2", "federated.local_steps=4",
-                                 "federated.compression=int8", "federated.error_feedback=true",
-                                 "train.max_steps=8", "aggregation.rule=mean")
+                               "federated.compression=int8", "federated.error_feedback=true",
+                               "train.max_steps=8", "aggregation.rule=mean")
     hashes = summary["weights_sha256_per_rank"]
     assert len(set(hashes)) == 1 and hashes[0] == summary["weights_sha256"]
     rounds = [r for r in records if "round" in r]
@@ -220,7 +220,7 @@ def test_one_site_per_rank_and_one_step_is_the_per_rank_trainer(tmp_path):
     base = ["train.max_steps=6", "aggregation.rule=median", "attack.kind=sign_flip", "attack.ranks=[2]"]
     default, _ = _launch(tmp_path / "default", 3, *base)
     explicit, records = _launch(tmp_path / "explicit", 3, *base, "federated.sites=[[0],[1],[2]]",
-                                  "federated.local_steps=1")
+                                "federated.local_steps=1")
     assert explicit["weights_sha256"] == default["weights_sha256"]
     assert all("round" not in r and r["comm_bytes_intra"] == 0 for r in records)
 
