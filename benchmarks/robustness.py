@@ -105,13 +105,16 @@ class Cell:
                     f"aggregation.reputation.window={NEVER}", f"aggregation.reputation.quarantine_after={NEVER}"]
         return [f"aggregation.rule={self.rule}", f"aggregation.f={self.f}"]
 
-    def overrides(self, nproc: int, steps: int, seed: int, extra: Iterable[str] = ()) -> list[str]:
+    def overrides(self, nproc: int, steps: int, seed: int, extra: Iterable[str] = (),
+                  strength: float | None = None) -> list[str]:
         """The run's ``key=value`` overrides on top of :data:`BENCH_OVERRIDES` and ``extra``
-        (``--set``: the same for every run)."""
+        (``--set``: the same for every run); ``strength`` (None: the kind's default) is the
+        attack parameter of an attacked run."""
         out = [*BENCH_OVERRIDES, *extra, f"train.max_steps={steps}", f"train.seed={seed}",
                *self.rule_overrides(nproc)]
         if self.attack is not None:
-            out.append(f"attack={{kind: {self.attack}, ranks: {self.attackers(nproc)}, seed: {seed}}}")
+            param = "" if strength is None else f", strength: {strength}"
+            out.append(f"attack={{kind: {self.attack}, ranks: {self.attackers(nproc)}, seed: {seed}{param}}}")
         return out
 
 
@@ -218,13 +221,14 @@ def run_figures(records: list[dict[str, Any]], attackers: list[int], start_step:
 
 
 def run_cell(cell: Cell, runs_dir: Path, nproc: int, steps: int, seed: int, timeout: float,
-             retries: int, window: int | None = None, extra: Iterable[str] = ()) -> dict[str, Any]:
+             retries: int, window: int | None = None, extra: Iterable[str] = (),
+             strength: float | None = None) -> dict[str, Any]:
     """Launch one cell (again, up to ``retries`` times, while it fails) and collect its figures
     (rewards over ``window`` steps; recall from the attack's resolved ``start_step`` on).
     ``status`` is ``ok`` or ``failed``; ``failed_attempts`` keeps the errors of failed tries."""
     run_dir, failures = runs_dir / cell.name, []
     for _ in range(retries + 1):
-        launched = launch(cell.overrides(nproc, steps, seed, extra), run_dir, nproc, timeout)
+        launched = launch(cell.overrides(nproc, steps, seed, extra, strength), run_dir, nproc, timeout)
         records = read_metrics(run_dir)
         ok = launched["returncode"] == 0 and len(records) == steps
         if ok:
@@ -453,6 +457,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="train.seed and attack seed")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run (e.g. aggregation.worker_momentum=0)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="the attack parameter of every attacked run (default: each kind's own, "
+                             "fedgspo/robust/attacks.py), e.g. --strength 4: a sign flip four times the gradient")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run counts as failed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--quick", action="store_true",
@@ -490,7 +497,7 @@ def run_matrix(cells: list[Cell], args: argparse.Namespace, steps: int, json_pat
     ``args.resume``, cells that already succeeded in ``json_path`` are taken from it (the caller
     keeps the settings unchanged between the two invocations)."""
     settings = {"nproc": args.nproc, "steps": steps, "window": args.window, "seed": args.seed,
-                "bench_overrides": list(BENCH_OVERRIDES), "set": list(args.set)}
+                "bench_overrides": list(BENCH_OVERRIDES), "set": list(args.set), "strength": args.strength}
     done = finished_runs(json_path) if args.resume else {}
     runs: list[dict[str, Any]] = []
     for i, cell in enumerate(cells, 1):
@@ -499,7 +506,7 @@ def run_matrix(cells: list[Cell], args: argparse.Namespace, steps: int, json_pat
             continue
         print(f"[{i}/{len(cells)}] {cell.name}", file=sys.stderr, flush=True)
         runs.append(run_cell(cell, args.out / "runs", args.nproc, steps, args.seed, args.timeout, args.retries,
-                             args.window, args.set))
+                             args.window, args.set, args.strength))
         print(f"    {runs[-1]['status']} in {runs[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
         write_json(json_path, {"settings": settings, "runs": runs})
     return runs

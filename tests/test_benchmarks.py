@@ -57,3 +57,21 @@ def test_noniid_digit_assets_load_like_a_local_model(tmp_path: Path) -> None:
     for r in rows:
         digits = r["prompt"][1:-1]
         assert r["answer"] == {"C": digits, "R": digits[::-1], "S": "".join(sorted(digits))}[r["task"]]
+
+
+def test_robustness_cells_pass_the_attack_strength_to_the_config() -> None:
+    """``--strength``: an attacked cell's overrides validate as a config whose attack carries it;
+    without it the kind's default is left in effect, and a clean cell has no attack."""
+    from fedgspo.config import load_config
+    from fedgspo.robust.attacks import strength_of
+
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        from robustness import Cell
+    finally:
+        sys.path.remove(str(RUN.parent))
+    flip = Cell("sign_flip", "plain_mean", 1)
+    strong = load_config(overrides=flip.overrides(4, 10, 2, strength=4.0)).attack
+    assert (strong.kind, strong.ranks, strong.seed, strength_of(strong, 4)) == ("sign_flip", [3], 2, 4.0)
+    assert strength_of(load_config(overrides=flip.overrides(4, 10, 2)).attack, 4) == 1.0
+    assert load_config(overrides=Cell(None, "default", 1).overrides(4, 10, 2, strength=4.0)).attack is None
