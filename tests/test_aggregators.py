@@ -276,6 +276,19 @@ def test_coordinate_rules_stay_in_the_honest_range(n, seed, rule, byzantine):
 
 
 @settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), seed=seeds, dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_trimmed_mean_at_the_largest_f_is_the_coordinate_median(n, seed, dtype):
+    """``f: auto`` gives the trimmed mean ``(n - 1) // 2``: the same sorted positions as the median,
+    so the two rules return the same bits (and the benchmarks' default rows are the median's)."""
+    x = random_stack(n, 7, seed).to(dtype)
+    f = (n - 1) // 2
+    median = A.build_aggregator("median", f)(x)
+    assert torch.equal(A.build_aggregator("trimmed_mean", f)(x), median)
+    torch.testing.assert_close(median.double(), ref_median(x.double()), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@settings(max_examples=40, deadline=None)
 @given(n=st.integers(5, 10), seed=seeds, offset=st.floats(50, 1e6))
 def test_krum_picks_an_honest_row(n, seed, offset):
     f = (n - 3) // 2  # largest f with n > 2f + 2
