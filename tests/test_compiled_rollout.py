@@ -80,7 +80,8 @@ def test_a_sliding_window_model_stays_eager_under_auto_and_is_refused_under_on()
     {"top_k": 3},
     {"top_p": 0.8},
     {"temperature": 1.3, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.2},
-    {"max_batch": 4},  # chunks of 2 prompts x 2 and 1 prompt x 2: two static shapes
+    # Chunks of 3 prompts x 2 (the shape the cases above compiled) and 2 prompts x 2: a second shape.
+    {"max_batch": 6, "texts": PROMPTS + LONGER[:2]},
 ])
 def test_compiled_sampling_equals_eager_on_fixed_seeds(setup, options):
     for seed in range(3):
