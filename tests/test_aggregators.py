@@ -284,8 +284,8 @@ def test_trimmed_mean_at_the_largest_f_is_the_coordinate_median(n, seed, dtype):
     f = (n - 1) // 2
     median = A.build_aggregator("median", f)(x)
     assert torch.equal(A.build_aggregator("trimmed_mean", f)(x), median)
-    torch.testing.assert_close(median.double(), ref_median(x.double()), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
-                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(median.double(), ref_median(x.double()), rtol=tol, atol=tol)
 
 
 @settings(max_examples=40, deadline=None)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def bench_module(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(RUN.parent))
 
 
 def test_list_names_every_benchmark() -> None:
@@ -42,11 +53,7 @@ def test_noniid_digit_assets_load_like_a_local_model(tmp_path: Path) -> None:
     tokenizer round-trips a prompt character by character, every row's answer is its task's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sys.path.insert(0, str(RUN.parent))
-    try:
-        import make_noniid_digits
-    finally:
-        sys.path.remove(str(RUN.parent))
+    make_noniid_digits = bench_module("make_noniid_digits")
     assert make_noniid_digits.main(["--out", str(tmp_path), "--rows", "60"]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     ids = tok("S3141=").input_ids
@@ -65,11 +72,7 @@ def test_robustness_cells_pass_the_attack_strength_to_the_config() -> None:
     from fedgspo.config import load_config
     from fedgspo.robust.attacks import strength_of
 
-    sys.path.insert(0, str(RUN.parent))
-    try:
-        from robustness import Cell
-    finally:
-        sys.path.remove(str(RUN.parent))
+    Cell = bench_module("robustness").Cell
     flip = Cell("sign_flip", "plain_mean", 1)
     strong = load_config(overrides=flip.overrides(4, 10, 2, strength=4.0)).attack
     assert (strong.kind, strong.ranks, strong.seed, strength_of(strong, 4)) == ("sign_flip", [3], 2, 4.0)
